@@ -1,0 +1,26 @@
+from tuneforge.config.loader import dump_config, load_config
+from tuneforge.config.schema import (
+    DataConfig,
+    FreezeAdapter,
+    FullAdapter,
+    LoraAdapter,
+    MethodConfig,
+    ModelConfig,
+    OutputConfig,
+    TrainConfig,
+    TuneForgeConfig,
+)
+
+__all__ = [
+    "DataConfig",
+    "FreezeAdapter",
+    "FullAdapter",
+    "LoraAdapter",
+    "MethodConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "TrainConfig",
+    "TuneForgeConfig",
+    "dump_config",
+    "load_config",
+]

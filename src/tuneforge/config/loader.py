@@ -1,0 +1,129 @@
+"""YAML file + dotted `key=value` overrides -> validated TuneForgeConfig, or one ConfigError listing every problem."""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tuneforge.config.schema import TuneForgeConfig
+from tuneforge.errors import ConfigError
+
+LLAMAFACTORY_KEYS = {"model_name_or_path", "finetuning_type", "stage", "do_train", "lora_rank"}
+
+
+def load_config(source: str | Path | Mapping[str, Any] | TuneForgeConfig, overrides: list[str] = ()) -> TuneForgeConfig:
+    """Read a config from a YAML path, a dict or an existing config, apply `a.b=value` overrides, validate."""
+    if isinstance(source, TuneForgeConfig):
+        raw, where = source.model_dump(mode="json"), "config"
+    elif isinstance(source, Mapping):
+        raw, where = dict(source), "config"
+    else:
+        raw, where = read_yaml(Path(source)), str(source)
+    raw = apply_overrides(raw, overrides)
+    return validate_config(raw, where)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file. hint: see examples/ for ready-made configs.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, method, train, output)")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`train.learning_rate=1e-4` sets raw['train']['learning_rate']; values are parsed as YAML scalars/lists."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r}: expected key=value, e.g. train.learning_rate=1e-4")
+            continue
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        try:
+            node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            node[parts[-1]] = text
+    if problems:
+        raise ConfigError(*problems)
+    return raw
+
+
+def validate_config(raw: dict[str, Any], where: str = "config") -> TuneForgeConfig:
+    try:
+        return TuneForgeConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err, where) for err in exc.errors()]
+        if LLAMAFACTORY_KEYS & set(raw):
+            problems.append(
+                f"{where}: this looks like a flat LLaMA-Factory config; TuneForge uses sections "
+                "(model:, data:, method:, train:, output:). hint: see examples/quickstart.yaml"
+            )
+        raise ConfigError(*problems) from None
+
+
+def _describe(err: dict, where: str) -> str:
+    loc = [str(p) for p in err["loc"]]
+    owner, shown_loc = _walk(loc[:-1])
+    path = ".".join(shown_loc + loc[-1:]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        msg = f"{where}: {path}: unknown key"
+        if owner is not None:
+            close = difflib.get_close_matches(loc[-1], list(owner.model_fields), n=1, cutoff=0.6)
+            msg += f"; did you mean '{close[0]}'?" if close else f"; expected one of {', '.join(owner.model_fields)}"
+        return msg
+    if err["type"] == "missing":
+        return f"{where}: {path}: required key is missing"
+    given = err.get("input")
+    shown = "" if isinstance(given, (dict, list)) else f" (given {given!r})"
+    return f"{where}: {path}: {err['msg']}{shown}"
+
+
+def _walk(loc: list[str]) -> tuple[type[BaseModel] | None, list[str]]:
+    """The model class owning the keys at `loc` (following discriminated unions by their tag), and `loc` as the
+    user wrote it (pydantic inserts the union tag, e.g. method.adapter.lora.rank, which is not a YAML key)."""
+    model: type[BaseModel] | None = TuneForgeConfig
+    shown: list[str] = []
+    i = 0
+    while i < len(loc):
+        shown.append(loc[i])
+        field = model.model_fields.get(loc[i]) if model else None
+        candidates = _models_in(field.annotation) if field else []
+        if len(candidates) > 1 and i + 1 < len(loc):
+            tag = loc[i + 1]
+            chosen = [c for c in candidates if "type" in c.model_fields and c.model_fields["type"].default == tag]
+            model, i = (chosen[0] if chosen else None), i + 2
+            continue
+        model, i = (candidates[0] if candidates else None), i + 1
+    return model, shown
+
+
+def _models_in(annotation) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    out = []
+    for arg in typing.get_args(annotation):
+        out += _models_in(arg)
+    return out
+
+
+def dump_config(cfg: TuneForgeConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,229 @@
+"""The typed, strict configuration of a TuneForge run.
+
+Every field carries its documentation once (`Field(description=...)`); the CLI help, the JSON schema and
+the web UI forms are derived from it. Unknown keys are errors (`extra="forbid"`), and combinations that
+make no sense cannot be written: the adapter is a discriminated union on `type`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _split_names(value):
+    """Accept `a,b` or `[a, b]` for lists of names (the LLaMA-Factory spelling is a comma string)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field(
+        description="What to fine-tune: an embedded model name (see `tuneforge env`), a local Hugging Face "
+        "folder, a .gguf file, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct."
+    )
+    hub: Literal["huggingface", "modelscope"] = Field(
+        "huggingface", description="Where a hub id is downloaded from. ModelScope honours MODELSCOPE_CACHE."
+    )
+    revision: str | None = Field(None, description="Hub branch, tag or commit of the model.")
+    gguf_file: str | None = Field(
+        None, description="Name of the .gguf file inside a folder or hub repository holding several."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with a hub model. Off unless you trust its author."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype. auto: float32 on CPU, bfloat16 on GPUs that support it, else float16."
+    )
+    template: str = Field(
+        "auto",
+        description="Chat template: auto uses the tokenizer's own template (or `empty` if it has none); "
+        "or a built-in name such as chatml, qwen, llama3, gemma, mistral, phi, deepseek, glm4, alpaca, "
+        "vicuna, default, empty.",
+    )
+    cache_dir: str | None = Field(
+        None, description="Where converted GGUF models and tokenized data are cached (default ~/.cache/tuneforge)."
+    )
+
+
+class DataConfig(Strict):
+    dataset: list[str] = Field(
+        description="Registered data set names from dataset_info.json, mixed in order: `identity,alpaca_en_demo`."
+    )
+    dataset_dir: str = Field("data", description="Folder holding dataset_info.json and the data files.")
+    eval_dataset: list[str] = Field(
+        default_factory=list, description="Data set names used only for evaluation (instead of val_size)."
+    )
+    cutoff_len: int = Field(
+        1024, ge=8, description="Maximum tokens per training sequence; longer prompts are shortened first."
+    )
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many rows of each data set.")
+    val_size: float = Field(
+        0.0, ge=0, description="Held-out evaluation split: a fraction below 1, or a number of rows."
+    )
+    train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens.")
+    mask_history: bool = Field(False, description="Train only on the last assistant turn of each conversation.")
+    default_system: str | None = Field(
+        None, description="System prompt for rows that have none (else the template's own default)."
+    )
+    placeholders: dict[str, str] = Field(
+        default_factory=dict,
+        description="Text substituted for {{key}} in every row, e.g. {name: My Bot, author: Me} for `identity`.",
+    )
+    overlong: Literal["drop", "truncate_answer"] = Field(
+        "drop",
+        description="Rows whose answers alone exceed cutoff_len: drop them (counted), or cut the answers.",
+    )
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error", description="Malformed rows: stop with a report of all of them, or skip them (counted)."
+    )
+    overwrite_cache: bool = Field(False, description="Re-tokenize even if a cached copy exists.")
+
+    _split = field_validator("dataset", "eval_dataset", mode="before")(_split_names)
+
+    @field_validator("dataset")
+    @classmethod
+    def _need_one(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one data set")
+        return v
+
+    @field_validator("val_size")
+    @classmethod
+    def _fraction_or_count(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError("use a fraction below 1 (0.1) or a whole number of rows (200)")
+        return v
+
+
+class LoraAdapter(Strict):
+    type: Literal["lora"] = "lora"
+    rank: int = Field(8, ge=1, description="LoRA rank r.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling alpha (the update is scaled by alpha / rank).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all"] = Field(
+        "all", description="Linear layers that get adapters: `all`, or names such as q_proj,v_proj."
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Extra modules trained in full and saved with the adapter (e.g. lm_head)."
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets(cls, v):
+        if isinstance(v, str) and v != "all":
+            return _split_names(v)
+        return v
+
+    _split = field_validator("modules_to_save", mode="before")(_split_names)
+
+
+class FreezeAdapter(Strict):
+    type: Literal["freeze"] = "freeze"
+    trainable_layers: int = Field(
+        2, description="Train the last N decoder layers (a negative number: the first N); the rest are frozen."
+    )
+    trainable_modules: list[str] | Literal["all"] = Field(
+        "all", description="Inside those layers, only these submodules (e.g. mlp,self_attn), or all."
+    )
+    extra_modules: list[str] = Field(
+        default_factory=list, description="Modules outside the decoder layers to train too (e.g. embed_tokens)."
+    )
+
+    @field_validator("trainable_modules", mode="before")
+    @classmethod
+    def _mods(cls, v):
+        if isinstance(v, str) and v != "all":
+            return _split_names(v)
+        return v
+
+    _split = field_validator("extra_modules", mode="before")(_split_names)
+
+    @field_validator("trainable_layers")
+    @classmethod
+    def _nonzero(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("0 layers would train nothing; use a positive (last N) or negative (first N) number")
+        return v
+
+
+class FullAdapter(Strict):
+    type: Literal["full"] = "full"
+
+
+Adapter = Annotated[Union[LoraAdapter, FreezeAdapter, FullAdapter], Field(discriminator="type")]
+
+
+class MethodConfig(Strict):
+    stage: Literal["sft", "pt"] = Field(
+        "sft", description="sft: supervised fine-tuning on conversations; pt: continued pre-training on text."
+    )
+    adapter: Adapter = Field(
+        default_factory=LoraAdapter, description="How weights are trained: lora, freeze (some layers) or full."
+    )
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _lora_by_default(cls, v):
+        return {"type": "lora", **v} if isinstance(v, dict) and "type" not in v else v
+
+
+class TrainConfig(Strict):
+    num_epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(4, ge=1, description="Rows per device per forward pass.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Forward passes per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal[
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr", "polynomial"
+    ] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 turns clipping off).")
+    optim: str = Field("adamw_torch", description="Optimizer name as transformers knows it.")
+    seed: int = Field(42, description="Seed for shuffling, dropout and adapter initialisation.")
+    logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and throughput every N steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps (default: at each save).")
+    save_steps: int = Field(500, ge=1, description="Write a checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(3, ge=1, description="Keep only the newest K checkpoints.")
+    resume_from_checkpoint: str | None = Field(
+        None, description="Continue a run: `auto` (latest checkpoint in the run directory) or a checkpoint path."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
+    report_to: list[Literal["none", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["none"], description="Experiment trackers to log to, besides metrics.jsonl."
+    )
+    dataloader_num_workers: int = Field(0, ge=0, description="Worker processes feeding batches.")
+    group_by_length: bool = Field(
+        True, description="Batch rows of similar length together, so little compute goes to padding."
+    )
+
+    _split = field_validator("report_to", mode="before")(_split_names)
+
+
+class OutputConfig(Strict):
+    run_dir: str = Field("runs/default", description="Folder that receives everything the run produces.")
+    overwrite: bool = Field(False, description="Start afresh in a run directory that already holds a run.")
+    plot_loss: bool = Field(True, description="Write loss.png during and after training.")
+
+
+class TuneForgeConfig(Strict):
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "TuneForgeConfig":
+        if self.method.stage == "pt" and (self.data.train_on_prompt or self.data.mask_history):
+            raise ValueError("data.train_on_prompt and data.mask_history apply to sft only; remove them for pt")
+        return self

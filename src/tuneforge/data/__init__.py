@@ -1,0 +1,1 @@
+"""Data: registry -> readers -> converters -> templates -> tokenization -> batches. Never imports `model`."""

@@ -1,0 +1,113 @@
+"""Examples -> token ids and labels.
+
+SFT: the conversation is rendered by the chat template and tokenized once (as `apply_chat_template` does);
+tokens whose characters fall inside an answer span get labels, all others -100.
+
+Truncation policy (cutoff_len): the template's own tokens and the answers are never cut. Prompt-side
+contents (system, user, tool) are shortened first, longest first (water-filling: the longest shrink to a
+common length until the conversation fits), keeping their beginning. If the answers alone do not fit,
+the row is dropped (`overlong: drop`, counted), or with `overlong: truncate_answer` answers are shortened
+the same way, together with the prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tuneforge.data.convert import Example
+from tuneforge.data.template import ChatTemplate, parse_tools, render_with_spans
+
+IGNORE = -100
+PROMPT_ROLES = ("system", "user", "tool")
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+class Overlong(Exception):
+    """The row cannot fit cutoff_len under the chosen policy."""
+
+
+def encode_sft(example: Example, tokenizer, template: ChatTemplate, cutoff_len: int, *,
+               train_on_prompt: bool = False, mask_history: bool = False, overlong: str = "drop") -> Encoded:
+    if not example.messages or example.messages[-1]["role"] != "assistant":
+        raise Overlong("the conversation does not end with an answer")
+    tools = parse_tools(example.tools)
+    messages = [dict(m) for m in example.messages]
+    ids, labels = _tokenize(template, tokenizer, messages, tools, train_on_prompt, mask_history)
+    if len(ids) <= cutoff_len:
+        return Encoded(ids, labels)
+    roles = PROMPT_ROLES + (("assistant",) if overlong == "truncate_answer" else ())
+    for _ in range(6):  # re-tokenizing shortened text can differ by a token or two: converge in a few rounds
+        excess = len(ids) - cutoff_len
+        if excess <= 0:
+            return Encoded(ids, labels, truncated=True)
+        if not _shorten(messages, tokenizer, excess, roles):
+            break
+        ids, labels = _tokenize(template, tokenizer, messages, tools, train_on_prompt, mask_history)
+    if len(ids) <= cutoff_len:
+        return Encoded(ids, labels, truncated=True)
+    raise Overlong("answers longer than cutoff_len" if overlong == "drop" else "template alone exceeds cutoff_len")
+
+
+def _tokenize(template, tokenizer, messages, tools, train_on_prompt, mask_history):
+    text, spans = render_with_spans(template, tokenizer, messages, tools)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if train_on_prompt:
+        return ids, list(ids)
+    if mask_history:
+        spans = spans[-1:]
+    labels = [IGNORE] * len(ids)
+    k = 0
+    for j, (start, _end) in enumerate(offsets):
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        if k < len(spans) and spans[k][0] <= start < spans[k][1]:
+            labels[j] = ids[j]
+    return ids, labels
+
+
+def _shorten(messages: list[dict], tokenizer, excess: int, roles: tuple[str, ...]) -> bool:
+    """Cut `excess` tokens from the longest contents of the given roles; False when nothing is left to cut."""
+    pieces = [tokenizer(m["content"], add_special_tokens=False)["input_ids"] if m["role"] in roles else []
+              for m in messages]
+    lengths = [len(p) for p in pieces]
+    if sum(lengths) < excess:
+        return False
+    cap = _water_level(lengths, excess)
+    changed = False
+    for m, piece in zip(messages, pieces):
+        if len(piece) > cap:
+            m["content"] = tokenizer.decode(piece[:cap], skip_special_tokens=False)
+            changed = True
+    return changed
+
+
+def _water_level(lengths: list[int], excess: int) -> int:
+    """Largest cap such that sum(max(0, L - cap)) >= excess."""
+    lo, hi = 0, max(lengths)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(max(0, n - mid) for n in lengths) >= excess:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def encode_pretrain(texts: list[str], tokenizer, cutoff_len: int) -> tuple[list[list[int]], int]:
+    """Plain-text documents -> blocks of cutoff_len tokens (documents joined by eos; nothing dropped).
+
+    Returns the blocks and the number of tokens. The last block may be shorter.
+    """
+    stream: list[int] = []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=True)["input_ids"] + eos
+    blocks = [stream[i: i + cutoff_len] for i in range(0, len(stream), cutoff_len)]
+    return blocks, len(stream)

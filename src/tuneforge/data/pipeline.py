@@ -1,0 +1,241 @@
+"""Config -> tokenized train/eval data plus a report of what was loaded, dropped and truncated.
+
+Tokenized data are cached under `<cache_dir>/tokenized/`, keyed by the converted rows, the tokenizer,
+the template and every setting that changes the tokens, so a second run does not re-tokenize.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tuneforge.config.schema import DataConfig
+from tuneforge.data.convert import Conversion, convert_rows
+from tuneforge.data.encode import Overlong, encode_pretrain, encode_sft
+from tuneforge.data.readers import read_rows
+from tuneforge.data.registry import DatasetSpec, resolve_dataset
+from tuneforge.data.template import ChatTemplate
+from tuneforge.errors import DataError
+
+ENCODING_VERSION = 1  # bump when encode.py changes what it produces, to invalidate caches
+MAX_LISTED_BAD_ROWS = 20
+
+
+@dataclass
+class TokenizedData:
+    """Sequences of token ids with their labels (-100 = no loss); a map-style dataset for the Trainer."""
+
+    input_ids: list[np.ndarray]
+    labels: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
+
+    def subset(self, indices) -> "TokenizedData":
+        return TokenizedData([self.input_ids[i] for i in indices], [self.labels[i] for i in indices])
+
+    def __add__(self, other: "TokenizedData") -> "TokenizedData":
+        return TokenizedData(self.input_ids + other.input_ids, self.labels + other.labels)
+
+    def stats(self) -> dict:
+        if not self.input_ids:
+            return {"sequences": 0}
+        lengths = np.array([len(x) for x in self.input_ids])
+        supervised = int(sum(int((y != -100).sum()) for y in self.labels))
+        return {"sequences": len(lengths), "tokens": int(lengths.sum()), "supervised_tokens": supervised,
+                "min": int(lengths.min()), "median": int(np.median(lengths)),
+                "p90": int(np.percentile(lengths, 90)), "max": int(lengths.max())}
+
+
+@dataclass
+class DatasetReport:
+    name: str
+    rows_read: int = 0
+    rows_used: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    truncated: int = 0
+    skipped_bad_rows: int = 0
+    notes: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    from_cache: bool = False
+
+
+@dataclass
+class DataBundle:
+    train: TokenizedData
+    eval: TokenizedData | None
+    reports: list[DatasetReport]
+
+
+def load_data(cfg: DataConfig, stage: str, tokenizer, template: ChatTemplate, cache_dir: Path,
+              seed: int = 42, hub: str = "huggingface") -> DataBundle:
+    """Read, convert, check and tokenize every configured data set; split off the evaluation part."""
+    conversions = [_load_converted(name, cfg, stage, seed, hub) for name in cfg.dataset]
+    eval_conversions = [_load_converted(name, cfg, stage, seed, hub) for name in cfg.eval_dataset]
+    _raise_bad_rows(cfg, conversions + eval_conversions)
+    reports, parts = [], []
+    for spec, conversion, n_read in conversions + eval_conversions:
+        report = DatasetReport(spec.name, rows_read=n_read, dropped=Counter(conversion.dropped),
+                               skipped_bad_rows=len(conversion.bad_rows))
+        report.notes += _ignored_column_notes(spec)
+        data = _tokenize_cached(conversion, stage, tokenizer, template, cfg, cache_dir, report)
+        report.stats = data.stats()
+        reports.append(report)
+        parts.append(data)
+    train = _concat(parts[: len(conversions)])
+    evaluation = _concat(parts[len(conversions):]) if eval_conversions else None
+    if evaluation is None and cfg.val_size > 0:
+        train, evaluation = _split(train, cfg.val_size, seed)
+    if len(train) == 0:
+        raise DataError("no training rows are left after loading; see the per-data-set report "
+                        "(`tuneforge check CONFIG`) for why rows were dropped")
+    return DataBundle(train, evaluation, reports)
+
+
+def _load_converted(name: str, cfg: DataConfig, stage: str, seed: int, hub: str):
+    spec = resolve_dataset(name, cfg.dataset_dir)
+    _check_stage(spec, stage)
+    rows = read_rows(spec, hub)
+    if spec.num_samples:
+        rows = _sample(rows, spec.num_samples, seed)
+    if cfg.max_samples:
+        rows = rows[: cfg.max_samples]
+    return spec, convert_rows(spec, rows, cfg.placeholders, cfg.default_system), len(rows)
+
+
+def _check_stage(spec: DatasetSpec, stage: str) -> None:
+    if spec.ranking and stage in ("sft", "pt"):
+        raise DataError(f"data set {spec.name!r} holds preference pairs (ranking: true); stage {stage!r} "
+                        "needs conversations with one answer. hint: use it with a preference stage (rm, dpo)")
+    if stage == "sft" and spec.is_text_only:
+        raise DataError(f"data set {spec.name!r} is plain text (columns.prompt: text) with no answers. "
+                        "hint: use method.stage: pt for continued pre-training on it")
+
+
+def _sample(rows: list, n: int, seed: int) -> list:
+    """num_samples from the registry: a seeded sample, repeating the data when it asks for more rows."""
+    rng = random.Random(seed)
+    if n <= len(rows):
+        return [rows[i] for i in sorted(rng.sample(range(len(rows)), n))]
+    return rows * (n // len(rows)) + [rows[i] for i in sorted(rng.sample(range(len(rows)), n % len(rows)))]
+
+
+def _raise_bad_rows(cfg: DataConfig, conversions) -> None:
+    bad = [line for _, conversion, _ in conversions for line in conversion.bad_rows]
+    if bad and cfg.on_bad_row == "error":
+        listed = bad[:MAX_LISTED_BAD_ROWS]
+        if len(bad) > len(listed):
+            listed.append(f"... and {len(bad) - len(listed)} more malformed rows")
+        listed.append("hint: fix the rows, or set data.on_bad_row: skip to leave them out (they are counted)")
+        raise DataError(*listed)
+
+
+def _ignored_column_notes(spec: DatasetSpec) -> list[str]:
+    return [f"columns.{c} is ignored: TuneForge trains text-only models" for c in ("images", "videos", "audios")
+            if getattr(spec.columns, c)]
+
+
+def _tokenize_cached(conversion: Conversion, stage: str, tokenizer, template: ChatTemplate, cfg: DataConfig,
+                     cache_dir: Path, report: DatasetReport) -> TokenizedData:
+    key = _cache_key(conversion, stage, tokenizer, template, cfg)
+    path = Path(cache_dir) / "tokenized" / f"{key}.npz"
+    if path.is_file() and not cfg.overwrite_cache:
+        data, meta = _load_npz(path)
+        report.from_cache = True
+    else:
+        data, meta = _tokenize(conversion, stage, tokenizer, template, cfg)
+        _save_npz(path, data, meta)
+    report.dropped.update(meta["dropped"])
+    report.truncated = meta["truncated"]
+    report.rows_used = meta["rows_used"]
+    return data
+
+
+def _tokenize(conversion: Conversion, stage: str, tokenizer, template: ChatTemplate, cfg: DataConfig):
+    if stage == "pt":
+        blocks, _ = encode_pretrain([e.text for e in conversion.examples], tokenizer, cfg.cutoff_len)
+        seqs = [np.asarray(b, dtype=np.int32) for b in blocks]
+        meta = {"dropped": {}, "truncated": 0, "rows_used": len(conversion.examples)}
+        return TokenizedData(seqs, list(seqs)), meta
+    ids, labels, dropped, truncated = [], [], Counter(), 0
+    for example in conversion.examples:
+        try:
+            enc = encode_sft(example, tokenizer, template, cfg.cutoff_len, train_on_prompt=cfg.train_on_prompt,
+                             mask_history=cfg.mask_history, overlong=cfg.overlong)
+        except Overlong as why:
+            dropped[f"{why} (cutoff_len={cfg.cutoff_len}; raise it or set data.overlong)"] += 1
+            continue
+        if all(y == -100 for y in enc.labels):
+            dropped["no answer tokens left to learn from"] += 1
+            continue
+        truncated += enc.truncated
+        ids.append(np.asarray(enc.input_ids, dtype=np.int32))
+        labels.append(np.asarray(enc.labels, dtype=np.int32))
+    meta = {"dropped": dict(dropped), "truncated": truncated, "rows_used": len(ids)}
+    return TokenizedData(ids, labels), meta
+
+
+def _cache_key(conversion: Conversion, stage, tokenizer, template: ChatTemplate, cfg: DataConfig) -> str:
+    h = hashlib.sha256()
+    settings = {"v": ENCODING_VERSION, "stage": stage, "template": template.jinja, "cutoff": cfg.cutoff_len,
+                "train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history,
+                "overlong": cfg.overlong, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for e in conversion.examples:
+        h.update(json.dumps([e.messages, e.tools], ensure_ascii=False).encode())
+    return h.hexdigest()[:24]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    cached = getattr(tokenizer, "_tuneforge_fingerprint", None)
+    if cached:
+        return cached
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    body += json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    fingerprint = hashlib.sha256(body.encode()).hexdigest()[:16]
+    tokenizer._tuneforge_fingerprint = fingerprint
+    return fingerprint
+
+
+def _save_npz(path: Path, data: TokenizedData, meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([len(x) for x in data.input_ids], dtype=np.int64)
+    flat = lambda seqs: np.concatenate(seqs) if seqs else np.zeros(0, np.int32)  # noqa: E731
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, ids=flat(data.input_ids), labels=flat(data.labels), lengths=lengths,
+             meta=np.array(json.dumps(meta)))
+    tmp.replace(path)  # atomic: an interrupted run never leaves a half-written cache entry
+
+
+def _load_npz(path: Path) -> tuple[TokenizedData, dict]:
+    with np.load(path) as z:
+        bounds = np.cumsum(np.concatenate([[0], z["lengths"]]))
+        ids = [z["ids"][a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        labels = [z["labels"][a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return TokenizedData(ids, labels), json.loads(str(z["meta"]))
+
+
+def _concat(parts: list[TokenizedData]) -> TokenizedData:
+    out = TokenizedData([], [])
+    for p in parts:
+        out = out + p
+    return out
+
+
+def _split(data: TokenizedData, val_size: float, seed: int) -> tuple[TokenizedData, TokenizedData]:
+    n_val = int(val_size) if val_size >= 1 else max(1, round(len(data) * val_size))
+    if n_val >= len(data):
+        raise DataError(f"data.val_size={val_size} leaves no training rows out of {len(data)}; use a smaller value")
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    return data.subset(sorted(order[n_val:])), data.subset(sorted(order[:n_val]))

@@ -1,0 +1,154 @@
+"""The data set registry: a `dataset_info.json` with LLaMA-Factory's schema, read unchanged.
+
+A data set name resolves to a `DatasetSpec`: where the rows come from (a file or folder under the
+registry's folder, or a hub repository) and how their columns and role tags map onto conversations.
+A path to a data file also works as a name: its format is then detected from its rows.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tuneforge.errors import DataError
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow")
+
+
+class Columns(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str | None = "instruction"
+    query: str | None = "input"
+    response: str | None = "output"
+    history: str | None = None
+    messages: str | None = "conversations"
+    system: str | None = None
+    tools: str | None = None
+    images: str | None = None
+    videos: str | None = None
+    audios: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    kto_tag: str | None = None
+
+
+class Tags(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role_tag: str = "from"
+    content_tag: str = "value"
+    user_tag: str = "human"
+    assistant_tag: str = "gpt"
+    observation_tag: str = "observation"
+    function_tag: str = "function_call"
+    system_tag: str = "system"
+
+
+class DatasetSpec(BaseModel):
+    """One entry of dataset_info.json (LLaMA-Factory's keys, including those TuneForge cannot serve)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = ""
+    base_dir: str = "."
+    file_name: str | None = None
+    hf_hub_url: str | None = None
+    ms_hub_url: str | None = None
+    om_hub_url: str | None = None
+    script_url: str | None = None
+    cloud_file_name: str | None = None
+    formatting: Literal["alpaca", "sharegpt"] = "alpaca"
+    ranking: bool = False
+    subset: str | None = None
+    split: str = "train"
+    folder: str | None = None
+    num_samples: int | None = Field(None, ge=1)
+    columns: Columns = Field(default_factory=Columns)
+    tags: Tags = Field(default_factory=Tags)
+
+    @property
+    def path(self) -> Path | None:
+        return Path(self.base_dir) / self.file_name if self.file_name else None
+
+    @property
+    def is_text_only(self) -> bool:
+        """Plain-text data (pre-training): only a prompt column is mapped, as in c4_demo and wiki_demo."""
+        c = self.columns
+        return self.formatting == "alpaca" and c.prompt == "text" and "response" not in c.model_fields_set
+
+
+def load_registry(dataset_dir: str | Path) -> dict[str, DatasetSpec]:
+    """Parse `<dataset_dir>/dataset_info.json`; every malformed entry is reported at once."""
+    info = Path(dataset_dir) / "dataset_info.json"
+    if not info.is_file():
+        raise DataError(
+            f"{info}: no dataset_info.json here. hint: set data.dataset_dir to the folder that holds it, "
+            "or name a data file directly in data.dataset"
+        )
+    try:
+        raw = json.loads(info.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{info} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{info}: expected an object mapping data set names to their descriptions")
+    specs, problems = {}, []
+    for name, entry in raw.items():
+        try:
+            specs[name] = DatasetSpec.model_validate({**entry, "name": name, "base_dir": str(Path(dataset_dir))})
+        except ValidationError as exc:
+            for err in exc.errors():
+                where = ".".join(str(p) for p in err["loc"])
+                problems.append(f"{info}: {name}.{where}: {err['msg']}")
+        except TypeError:
+            problems.append(f"{info}: {name}: expected an object with file_name or hf_hub_url")
+    if problems:
+        raise DataError(*problems)
+    return specs
+
+
+def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
+    """A registry name, or a path to a data file whose format is detected from its first row."""
+    candidate = Path(name)
+    if candidate.suffix in DATA_SUFFIXES and candidate.exists():
+        return spec_for_file(candidate)
+    registry = load_registry(dataset_dir)
+    if name in registry:
+        return registry[name]
+    close = difflib.get_close_matches(name, list(registry), n=3)
+    hint = f" did you mean {', '.join(close)}?" if close else ""
+    raise DataError(
+        f"data set {name!r} is not in {Path(dataset_dir) / 'dataset_info.json'}.{hint} "
+        "hint: add an entry for it there, or give the path of a .json/.jsonl/.csv/.parquet/.txt file"
+    )
+
+
+def spec_for_file(path: Path) -> DatasetSpec:
+    """Build a registry entry for a bare file: alpaca, sharegpt (from/value) or OpenAI messages (role/content)."""
+    from tuneforge.data.readers import first_row
+
+    row = first_row(path) if path.suffix != ".txt" else {"text": ""}
+    base = {"name": str(path), "base_dir": str(path.parent), "file_name": path.name}
+    if "text" in row and "instruction" not in row:
+        return DatasetSpec.model_validate({**base, "columns": {"prompt": "text"}})
+    for key in ("messages", "conversations"):
+        turns = row.get(key)
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict):
+            if "role" in turns[0]:
+                return DatasetSpec.model_validate({**base, "formatting": "sharegpt", "columns": {"messages": key},
+                                                   "tags": OPENAI_TAGS})
+            return DatasetSpec.model_validate({**base, "formatting": "sharegpt", "columns": {"messages": key}})
+    columns = {k: k for k in ("system", "history") if k in row}
+    return DatasetSpec.model_validate({**base, "columns": columns})
+
+
+OPENAI_TAGS = {
+    "role_tag": "role",
+    "content_tag": "content",
+    "user_tag": "user",
+    "assistant_tag": "assistant",
+    "observation_tag": "tool",
+    "function_tag": "function_call",
+    "system_tag": "system",
+}

@@ -1,0 +1,1 @@
+"""Inference: the Engine behind chat, predict, the API and the web UI."""

@@ -1,0 +1,103 @@
+"""Decide which weights train: LoRA adapters (PEFT), some layers (freeze), or everything (full)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tuneforge.config.schema import FreezeAdapter, FullAdapter, LoraAdapter
+from tuneforge.errors import ConfigError
+
+
+@dataclass
+class ParamCount:
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        share = 100 * self.trainable / max(self.total, 1)
+        return f"trainable params {self.trainable:,} / {self.total:,} ({share:.2f}%)"
+
+
+def count_params(model: nn.Module) -> ParamCount:
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:  # tied weights count once
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return ParamCount(trainable, total)
+
+
+def apply_adapter(model: nn.Module, adapter: LoraAdapter | FreezeAdapter | FullAdapter) -> nn.Module:
+    """Set requires_grad (and wrap with PEFT for LoRA); returns the model to train."""
+    if isinstance(adapter, LoraAdapter):
+        return _apply_lora(model, adapter)
+    if isinstance(adapter, FreezeAdapter):
+        _apply_freeze(model, adapter)
+        return model
+    model.requires_grad_(True)
+    return model
+
+
+def _apply_lora(model: nn.Module, adapter: LoraAdapter) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if adapter.target_modules == "all" else adapter.target_modules
+    if targets != "all-linear":
+        linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        missing = [t for t in targets if t not in linear_names]
+        if missing:
+            raise ConfigError(f"method.adapter.target_modules: {missing} are not linear layers of this model; "
+                              f"it has {sorted(linear_names)} (or use `all`)")
+    config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                        target_modules=targets, modules_to_save=adapter.modules_to_save or None,
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The stack of transformer blocks: the largest ModuleList in the model, with its qualified name."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ConfigError("method.adapter: freeze needs a model with a list of decoder layers; this model has none")
+    return max(lists, key=lambda item: len(item[1]))
+
+
+def _apply_freeze(model: nn.Module, adapter: FreezeAdapter) -> None:
+    prefix, layers = decoder_layers(model)
+    n = len(layers)
+    if abs(adapter.trainable_layers) > n:
+        raise ConfigError(f"method.adapter.trainable_layers: {adapter.trainable_layers} but the model has {n} layers")
+    chosen = range(n - adapter.trainable_layers, n) if adapter.trainable_layers > 0 else range(-adapter.trainable_layers)
+    model.requires_grad_(False)
+    wanted = adapter.trainable_modules
+    matched_modules = set()
+    for i in chosen:
+        for name, p in layers[i].named_parameters():
+            parts = name.split(".")
+            hit = wanted == "all" or any(w in parts for w in wanted)
+            if hit:
+                p.requires_grad_(True)
+                matched_modules.update(w for w in (wanted if wanted != "all" else []) if w in parts)
+    if wanted != "all" and set(wanted) - matched_modules:
+        names = sorted({n.split(".")[0] for n, _ in layers[0].named_parameters()} |
+                       {c for n, _ in layers[0].named_parameters() for c in n.split(".")[:2]})
+        raise ConfigError(f"method.adapter.trainable_modules: {sorted(set(wanted) - matched_modules)} match nothing "
+                          f"in the decoder layers ({prefix}.N); their submodules are {names}")
+    for extra in adapter.extra_modules:
+        params = [p for name, p in model.named_parameters() if extra in name.split(".")]
+        if not params:
+            raise ConfigError(f"method.adapter.extra_modules: {extra!r} matches no module outside the layers")
+        for p in params:
+            p.requires_grad_(True)
+
+
+def upcast_trainable(model: nn.Module) -> None:
+    """Mixed precision keeps half-precision weights frozen and trainable ones in float32 for stable updates."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()

@@ -1,0 +1,162 @@
+"""Find and load a tokenizer and causal LM from whatever the user named.
+
+Order of resolution for `model.name_or_path`: an embedded model name, a local .gguf file, a local folder
+(Hugging Face files, or .gguf files), a hub id (Hugging Face or ModelScope). GGUF weights are dequantized
+once and cached as a safetensors folder, so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tuneforge.config.schema import ModelConfig
+from tuneforge.errors import ModelError
+from tuneforge.model.embedded import embedded_models, locate_embedded
+
+CONVERTED_MARKER = "tuneforge_source.json"
+
+
+def default_cache_dir(cfg: ModelConfig | None = None) -> Path:
+    if cfg is not None and cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    return Path.home() / ".cache" / "tuneforge"
+
+
+@dataclass
+class ModelSource:
+    """Where the weights were found: a folder `from_pretrained` can read, and how we got there."""
+
+    path: str
+    origin: str  # embedded | gguf | local | huggingface | modelscope
+    description: str
+
+
+def resolve_model(cfg: ModelConfig) -> ModelSource:
+    name, cache = cfg.name_or_path, default_cache_dir(cfg)
+    tried = []
+    if name in embedded_models():
+        gguf = locate_embedded(name, cache)
+        return ModelSource(str(convert_gguf(gguf, cache)), "embedded", f"{name} (embedded, from {gguf.name})")
+    tried.append(f"embedded models: not one of {', '.join(embedded_models())}")
+    local = Path(name).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        return ModelSource(str(convert_gguf(local, cache)), "gguf", f"{local} (GGUF)")
+    if local.is_dir():
+        if (local / "config.json").is_file():
+            return ModelSource(str(local), "local", str(local))
+        ggufs = sorted(local.glob("*.gguf"))
+        if cfg.gguf_file:
+            ggufs = [g for g in ggufs if g.name == cfg.gguf_file]
+        if len(ggufs) == 1:
+            return ModelSource(str(convert_gguf(ggufs[0], cache)), "gguf", f"{ggufs[0]} (GGUF)")
+        what = "several .gguf files: set model.gguf_file" if ggufs else "no config.json and no .gguf file"
+        raise ModelError(f"model.name_or_path: folder {local} holds {what}")
+    tried.append(f"local path: {local} does not exist")
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return _from_hub(cfg, tried)
+    raise ModelError(f"model.name_or_path: cannot find model {name!r}. tried: " + "; ".join(tried)
+                     + ". hint: give an embedded name, a local folder or .gguf file, or a hub id like org/name")
+
+
+def _from_hub(cfg: ModelConfig, tried: list[str]) -> ModelSource:
+    name = cfg.name_or_path
+    try:
+        if cfg.hub == "modelscope":
+            try:
+                from modelscope import snapshot_download
+            except ImportError:
+                raise ModelError("model.hub is modelscope, which needs the modelscope package. "
+                                 "hint: pip install 'tuneforge[modelscope]'") from None
+            path = snapshot_download(name, revision=cfg.revision or "master")  # honours MODELSCOPE_CACHE
+        else:
+            from huggingface_hub import hf_hub_download, snapshot_download
+
+            if cfg.gguf_file:
+                gguf = hf_hub_download(name, cfg.gguf_file, revision=cfg.revision)
+                return ModelSource(str(convert_gguf(Path(gguf), default_cache_dir(cfg))), "gguf", f"{name}/{cfg.gguf_file}")
+            path = snapshot_download(name, revision=cfg.revision,
+                                     allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.jinja"])
+    except ModelError:
+        raise
+    except Exception as exc:  # offline, missing repo, gated repo: the user needs the reason and the list
+        tried.append(f"{cfg.hub} hub: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+        raise ModelError(f"model.name_or_path: cannot find model {name!r}. tried: " + "; ".join(tried)
+                         + ". hint: without network, use an embedded model or download the model folder") from None
+    return ModelSource(path, cfg.hub, f"{name} ({cfg.hub} hub)")
+
+
+def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
+    """Dequantize a GGUF file once into `<cache>/models/<stem>-<size>-<mtime>/` (safetensors + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = gguf.stat()
+    target = Path(cache_dir) / "models" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (target / CONVERTED_MARKER).is_file():
+        return target
+    print(f"tuneforge: converting {gguf.name} to a safetensors cache (once) at {target}", flush=True)
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelError(f"{gguf}: transformers cannot read this GGUF file ({type(exc).__name__}: "
+                         f"{str(exc)[:200]}). hint: supported architectures are those transformers' GGUF "
+                         "loader knows (llama, mistral, qwen2/3, gemma2/3, phi3, ...)") from None
+    # save_pretrained refuses GGUF-loaded models: copy the weights into a plain model of the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / CONVERTED_MARKER).write_text(json.dumps({"gguf": str(gguf), "size": stat.st_size}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = source.path if isinstance(source, ModelSource) else source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot load a tokenizer ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(source: ModelSource | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    path = source.path if isinstance(source, ModelSource) else source
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"{path}: this model needs its own Python code. hint: set model.trust_remote_code: "
+                             "true only if you trust its author") from None
+        raise ModelError(f"{path}: cannot load the model ({str(exc)[:300]})") from None
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot load the model ({str(exc)[:300]})") from None

@@ -1,0 +1,53 @@
+"""Everything before the training loop, shared by `train` and `check`: model source, tokenizer, template, data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tuneforge.config import TuneForgeConfig
+from tuneforge.data.pipeline import DataBundle, load_data
+from tuneforge.data.template import ChatTemplate, resolve_template
+from tuneforge.model.adapters import ParamCount, apply_adapter, count_params, upcast_trainable
+from tuneforge.model.loader import ModelSource, default_cache_dir, load_model, load_tokenizer, resolve_dtype, resolve_model
+
+
+@dataclass
+class Prepared:
+    source: ModelSource
+    tokenizer: object
+    template: ChatTemplate
+    template_note: str | None
+    data: DataBundle
+
+
+def prepare(cfg: TuneForgeConfig) -> Prepared:
+    source = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+    template, note = resolve_template(cfg.model.template, tokenizer)
+    if template.name != "auto":  # saved with the run, so that chat and export use the trained format
+        tokenizer.chat_template = template.jinja
+    data = load_data(cfg.data, cfg.method.stage, tokenizer, template, default_cache_dir(cfg.model),
+                     seed=cfg.train.seed)
+    return Prepared(source, tokenizer, template, note, data)
+
+
+def build_model(cfg: TuneForgeConfig, source: ModelSource):
+    """Load the weights and make the configured ones trainable."""
+    dtype = resolve_dtype(cfg.model.dtype)
+    model = load_model(source, dtype, cfg.model.trust_remote_code)
+    model = apply_adapter(model, cfg.method.adapter)
+    if dtype != torch.float32:
+        upcast_trainable(model)
+    return model
+
+
+def count_trainable(cfg: TuneForgeConfig, source: ModelSource) -> ParamCount:
+    """Trainable/total parameters without loading weights (the model is built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source.path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    return count_params(apply_adapter(model, cfg.method.adapter))

@@ -1,0 +1,139 @@
+"""`train(cfg)`: config -> run directory -> data -> model -> loop -> save."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+from tuneforge.config import TuneForgeConfig, load_config
+from tuneforge.data.collate import PadCollator
+from tuneforge.model.adapters import ParamCount, count_params
+from tuneforge.train.callbacks import GracefulStop, MetricsCallback
+from tuneforge.train.prepare import Prepared, build_model, count_trainable, prepare
+from tuneforge.train.report import format_data_report
+from tuneforge.rundir import RunDir, prepare_run_dir
+from tuneforge.train.trainer import TuneForgeTrainer
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # completed | interrupted
+    metrics: dict
+
+
+def train(config, overrides: list[str] = ()) -> RunResult:
+    """Fine-tune as configured (a YAML path, dict or TuneForgeConfig) and save everything to the run directory."""
+    cfg = load_config(config, overrides)
+    prepared = prepare(cfg)  # all validation and tokenization happen before the run directory is touched
+    print(format_data_report(prepared), flush=True)
+    run, checkpoint = prepare_run_dir(cfg)
+    model = build_model(cfg, prepared.source)
+    print(f"tuneforge: {count_params(model)}", flush=True)
+    trainer, stop = build_trainer(cfg, model, prepared, run)
+    run.update_meta(base_model=prepared.source.path, base_model_name=cfg.model.name_or_path,
+                    template=prepared.template.name, stop=list(prepared.template.stop), stage=cfg.method.stage,
+                    default_system=cfg.data.default_system,
+                    adapter=cfg.method.adapter.type)
+    try:
+        output = trainer.train(resume_from_checkpoint=checkpoint)
+    except BaseException:
+        run.update_meta(status="failed", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        raise
+    status = "interrupted" if stop.requested else "completed"
+    metrics = dict(output.metrics)
+    if prepared.data.eval is not None and status == "completed":
+        metrics.update(trainer.evaluate())
+    save_weights(trainer, prepared, run, cfg)
+    run.update_meta(status=status, finished=time.strftime("%Y-%m-%d %H:%M:%S"), metrics=metrics,
+                    global_step=trainer.state.global_step)
+    if status == "interrupted":
+        print(f"tuneforge: interrupted at step {trainer.state.global_step}; continue with "
+              f"`tuneforge train {run.path / 'config.yaml'} train.resume_from_checkpoint=auto`", flush=True)
+    return RunResult(run.path, status, metrics)
+
+
+@dataclass
+class CheckResult:
+    prepared: Prepared
+    params: ParamCount
+    report: str
+
+
+def check(config, overrides: list[str] = ()) -> CheckResult:
+    """Run every validation step of `train` (config, model, template, data, adapter) without training."""
+    cfg = load_config(config, overrides)
+    prepared = prepare(cfg)
+    params = count_trainable(cfg, prepared.source)
+    adapter = cfg.method.adapter
+    report = "\n".join([format_data_report(prepared),
+                        f"method: stage {cfg.method.stage}, adapter {adapter.type}; {params}",
+                        f"output: {cfg.output.run_dir}"])
+    return CheckResult(prepared, params, report)
+
+
+def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir):
+    t, has_eval = cfg.train, prepared.data.eval is not None
+    on_gpu = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(run.checkpoints),
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
+        report_to=[r for r in t.report_to if r != "none"] or "none",
+        dataloader_num_workers=t.dataloader_num_workers,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        activation_checkpointing=t.gradient_checkpointing,
+        bf16=on_gpu and cfg.model.dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported(),
+        fp16=on_gpu and (cfg.model.dtype == "float16" or (cfg.model.dtype == "auto" and not torch.cuda.is_bf16_supported())),
+        use_cpu=not on_gpu,
+        remove_unused_columns=False,
+        prediction_loss_only=True,
+        run_name=run.path.name,
+    )
+    stop = GracefulStop()
+    pad_id = prepared.tokenizer.pad_token_id
+    trainer = TuneForgeTrainer(
+        model=model,
+        args=args,
+        train_dataset=prepared.data.train,
+        eval_dataset=prepared.data.eval,
+        data_collator=PadCollator(pad_id if pad_id is not None else 0, pad_to_multiple_of=8 if on_gpu else None),
+        processing_class=prepared.tokenizer,
+        callbacks=[MetricsCallback(run.path, plot=cfg.output.plot_loss), stop],
+    )
+    return trainer, stop
+
+
+def save_weights(trainer: TuneForgeTrainer, prepared: Prepared, run: RunDir, cfg: TuneForgeConfig) -> Path:
+    """adapter/ (LoRA) or model/ (freeze, full), in safetensors, with the tokenizer and its chat template."""
+    target = run.path / ("adapter" if cfg.method.adapter.type == "lora" else "model")
+    trainer.save_model(str(target))  # safetensors; saves the tokenizer (processing_class) too
+    stop_ids = [i for i in (prepared.tokenizer.convert_tokens_to_ids(s) for s in prepared.template.stop)
+                if isinstance(i, int) and i != prepared.tokenizer.unk_token_id]
+    gen = trainer.model.generation_config if hasattr(trainer.model, "generation_config") else None
+    if gen is not None and stop_ids and cfg.method.adapter.type != "lora":
+        gen.eos_token_id = stop_ids
+        gen.save_pretrained(target)
+    return target

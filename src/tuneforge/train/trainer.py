@@ -1,0 +1,47 @@
+"""transformers.Trainer with TuneForge's loss (logits only where labels are supervised) and throughput logs."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import Trainer
+
+from tuneforge.train.losses import causal_lm_loss_sum, next_token_mask, next_token_targets
+
+
+class TuneForgeTrainer(Trainer):
+    # compute_loss divides by the token count of the whole accumulated batch (num_items_in_batch).
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True  # makes the Trainer count supervised tokens per optimizer step
+        self._tokens = 0
+        self._supervised = 0
+        self._clock = time.perf_counter()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        keep = next_token_mask(labels)  # (B, T)
+        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)  # logits: (N, V)
+        targets = next_token_targets(labels, keep)  # (N,)
+        loss_sum = causal_lm_loss_sum(outputs.logits, targets)
+        n = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+        loss = loss_sum / (n.to(loss_sum.device).clamp(min=1) if torch.is_tensor(n) else max(n, 1))
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1 and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
+        if model.training:
+            self._tokens += int(inputs["attention_mask"].sum())
+            self._supervised += int(targets.numel())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add throughput since the previous one
+            now = time.perf_counter()
+            elapsed = max(now - self._clock, 1e-9)
+            logs["tokens_per_second"] = round(self._tokens / elapsed, 1)
+            logs["supervised_tokens_per_second"] = round(self._supervised / elapsed, 1)
+            self._tokens = self._supervised = 0
+            self._clock = now
+        super().log(logs, start_time)

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tokenizer trained in-process and a tiny random Llama saved as a local model folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# A ChatML template in the style models ship in tokenizer_config.json (no default system prompt).
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<s>"]
+
+
+def _corpus() -> list[str]:
+    rows = json.loads((REPO / "data" / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:300]
+    zh = json.loads((REPO / "data" / "alpaca_zh_demo.json").read_text(encoding="utf-8"))[:100]
+    return [r["instruction"] + " " + r["output"] for r in rows + zh] + ["system user assistant tool\n"] * 20
+
+
+def build_tokenizer(vocab_size: int = 600):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>")
+    fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+def build_tiny_model(vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=3, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A local Hugging Face folder: tiny random Llama (2 layers, hidden 32) + the in-process tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_config(tiny_model_dir, tmp_path):
+    """A minimal valid config dict training the tiny model on the identity data set for a few steps."""
+    return {
+        "model": {"name_or_path": str(tiny_model_dir), "cache_dir": str(tmp_path / "cache")},
+        "data": {"dataset": "identity", "dataset_dir": str(REPO / "data"), "cutoff_len": 128,
+                 "placeholders": {"name": "Tiny", "author": "Tests"}, "max_samples": 16},
+        "method": {"stage": "sft", "adapter": {"type": "lora", "rank": 4, "alpha": 8}},
+        "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 2,
+                  "group_by_length": False},
+        "output": {"run_dir": str(tmp_path / "run")},
+    }

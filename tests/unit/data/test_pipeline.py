@@ -1,0 +1,95 @@
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from tuneforge.config import DataConfig
+from tuneforge.data.collate import PadCollator
+from tuneforge.data.pipeline import load_data
+from tuneforge.data.template import resolve_template
+from tuneforge.errors import DataError
+
+
+def data_cfg(**kw):
+    return DataConfig(**{"dataset": "identity", "dataset_dir": str(REPO / "data"), "cutoff_len": 512,
+                         "placeholders": {"name": "Tiny", "author": "Tests"}, **kw})
+
+
+def load(tokenizer, cfg, tmp_path, stage="sft"):
+    template, _ = resolve_template("auto", tokenizer)
+    return load_data(cfg, stage, tokenizer, template, tmp_path / "cache")
+
+
+def test_second_load_comes_from_the_cache_and_is_identical(tokenizer, tmp_path):
+    first = load(tokenizer, data_cfg(), tmp_path)
+    second = load(tokenizer, data_cfg(), tmp_path)
+    assert not first.reports[0].from_cache and second.reports[0].from_cache
+    assert len(first.train) == len(second.train) == 91
+    for a, b in zip(first.train.labels, second.train.labels):
+        np.testing.assert_array_equal(a, b)
+    assert first.reports[0].stats == second.reports[0].stats
+
+
+def test_cache_key_follows_content_and_settings(tokenizer, tmp_path):
+    load(tokenizer, data_cfg(), tmp_path)
+    other_name = load(tokenizer, data_cfg(placeholders={"name": "Other", "author": "Tests"}), tmp_path)
+    other_cutoff = load(tokenizer, data_cfg(cutoff_len=64), tmp_path)
+    assert not other_name.reports[0].from_cache and not other_cutoff.reports[0].from_cache
+
+
+def test_mixing_max_samples_and_val_size(tokenizer, tmp_path):
+    bundle = load(tokenizer, data_cfg(dataset="identity,alpaca_en_demo", max_samples=50, val_size=0.1), tmp_path)
+    assert [r.rows_read for r in bundle.reports] == [50, 50]
+    total = 100 - sum(sum(r.dropped.values()) for r in bundle.reports)
+    assert len(bundle.train) + len(bundle.eval) == total
+    assert len(bundle.eval) == round(0.1 * total)
+
+
+def test_overlong_rows_are_counted_with_the_switch_that_changes_it(tokenizer, tmp_path):
+    bundle = load(tokenizer, data_cfg(dataset="alpaca_en_demo", max_samples=40, cutoff_len=32), tmp_path)
+    report = bundle.reports[0]
+    (reason, n), = report.dropped.items()
+    assert "answers longer than cutoff_len (cutoff_len=32; raise it or set data.overlong)" == reason
+    assert n + report.rows_used == 40 and all(len(x) <= 32 for x in bundle.train.input_ids)
+
+
+def _write(tmp_path, rows):
+    (tmp_path / "d").mkdir(exist_ok=True)
+    (tmp_path / "d" / "rows.json").write_text(json.dumps(rows))
+    (tmp_path / "d" / "dataset_info.json").write_text(json.dumps({"mine": {"file_name": "rows.json"}}))
+    return str(tmp_path / "d")
+
+
+def test_bad_rows_stop_with_every_row_listed_or_are_skipped_and_counted(tokenizer, tmp_path):
+    rows = [{"instruction": "q", "output": "a"}, {"instruction": ["x"], "output": "a"},
+            {"instruction": "q", "output": {"no": 1}}]
+    dataset_dir = _write(tmp_path, rows)
+    with pytest.raises(DataError) as info:
+        load(tokenizer, data_cfg(dataset="mine", dataset_dir=dataset_dir), tmp_path)
+    assert info.value.problems[:2] == [f"{dataset_dir}/rows.json row 2: instruction should be text, got list ['x']",
+                                       f"{dataset_dir}/rows.json row 3: output should be text, got dict {{'no': 1}}"]
+    assert "data.on_bad_row: skip" in info.value.problems[-1]
+    bundle = load(tokenizer, data_cfg(dataset="mine", dataset_dir=dataset_dir, on_bad_row="skip"), tmp_path)
+    assert bundle.reports[0].skipped_bad_rows == 2 and len(bundle.train) == 1
+
+
+def test_stage_mismatches_are_explained(tokenizer, tmp_path):
+    with pytest.raises(DataError, match="is plain text .* use method.stage: pt"):
+        load(tokenizer, data_cfg(dataset="c4_demo"), tmp_path)
+
+
+def test_pretraining_blocks(tokenizer, tmp_path):
+    bundle = load(tokenizer, data_cfg(dataset="wiki_demo", cutoff_len=64), tmp_path, stage="pt")
+    assert bundle.reports[0].rows_used == 30
+    assert all(len(x) == 64 for x in bundle.train.input_ids[:-1])
+    assert all((x == y).all() for x, y in zip(bundle.train.input_ids, bundle.train.labels))
+
+
+def test_collator_pads_right_with_ignored_labels():
+    batch = PadCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
+                                         {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert PadCollator(0, pad_to_multiple_of=8)([{"input_ids": [1], "labels": [1]}])["input_ids"].shape == (1, 8)

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from tests.conftest import REPO, SHARED_DATA
+from tuneforge.data.convert import convert_rows
+from tuneforge.data.readers import read_rows
+from tuneforge.data.registry import load_registry, resolve_dataset, spec_for_file
+from tuneforge.errors import DataError
+
+LLAMAFACTORY = SHARED_DATA / "llamafactory"
+needs_shared = pytest.mark.skipif(not LLAMAFACTORY.is_dir(), reason="../shared/data/llamafactory not present")
+
+# Rows in each demo file of LLaMA-Factory's data/ folder (counted with json.load / wc -l).
+EXPECTED_ROWS = {"identity": 91, "alpaca_en_demo": 999, "alpaca_zh_demo": 1000, "glaive_toolcall_en_demo": 300,
+                 "glaive_toolcall_zh_demo": 300, "dpo_en_demo": 300, "dpo_zh_demo": 300, "kto_en_demo": 300,
+                 "wiki_demo": 30, "c4_demo": 300}
+
+
+@needs_shared
+@pytest.mark.parametrize("name", sorted(EXPECTED_ROWS))
+def test_every_llamafactory_demo_set_loads_with_its_row_count(name):
+    spec = load_registry(LLAMAFACTORY)[name]
+    conversion = convert_rows(spec, read_rows(spec))
+    assert len(conversion.examples) == EXPECTED_ROWS[name]
+    assert not conversion.bad_rows and not conversion.dropped
+
+
+@needs_shared
+def test_llamafactory_registry_parses_every_entry_including_hub_ones():
+    registry = load_registry(LLAMAFACTORY)
+    assert len(registry) == len(json.loads((LLAMAFACTORY / "dataset_info.json").read_text()))
+    assert registry["alpaca_en"].hf_hub_url == "llamafactory/alpaca_en"
+    assert registry["kto_en_demo"].columns.kto_tag == "label"
+
+
+@needs_shared
+def test_registered_file_that_is_missing_says_where_it_looked():
+    spec = load_registry(LLAMAFACTORY)["mllm_demo"]
+    with pytest.raises(DataError, match=r"data set 'mllm_demo': file .*mllm_demo.json does not exist"):
+        read_rows(spec)
+
+
+@needs_shared
+def test_demo_contents_convert_to_the_expected_conversations():
+    reg = load_registry(LLAMAFACTORY)
+    glaive = convert_rows(reg["glaive_toolcall_en_demo"], read_rows(reg["glaive_toolcall_en_demo"])).examples[0]
+    assert [m["role"] for m in glaive.messages][:4] == ["user", "assistant", "user", "assistant"]
+    assert glaive.tools and json.loads(glaive.tools)
+    dpo = convert_rows(reg["dpo_en_demo"], read_rows(reg["dpo_en_demo"])).examples[0]
+    assert dpo.chosen.startswith("That sounds like a fun") and dpo.rejected
+    kto = convert_rows(reg["kto_en_demo"], read_rows(reg["kto_en_demo"])).examples
+    assert {e.kto_tag for e in kto} == {True, False}
+
+
+def test_project_registry_ships_identity_and_alpaca():
+    registry = load_registry(REPO / "data")
+    assert {"identity", "alpaca_en_demo", "alpaca_zh_demo", "c4_demo", "wiki_demo"} <= set(registry)
+
+
+def test_unknown_name_suggests_close_names():
+    with pytest.raises(DataError, match="did you mean identity"):
+        resolve_dataset("identiti", REPO / "data")
+
+
+def test_missing_registry_explains_dataset_dir(tmp_path):
+    with pytest.raises(DataError, match="no dataset_info.json here. hint: set data.dataset_dir"):
+        load_registry(tmp_path)
+
+
+def test_malformed_registry_entries_are_all_reported(tmp_path):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "a": {"file_name": "a.json", "formating": "sharegpt"}, "b": {"file_name": "b.json", "ranking": "maybe"}}))
+    with pytest.raises(DataError) as info:
+        load_registry(tmp_path)
+    assert len(info.value.problems) == 2
+    assert "a.formating: Extra inputs are not permitted" in info.value.problems[0]
+
+
+@pytest.mark.parametrize("rows, formatting, role_tag", [
+    ([{"instruction": "q", "output": "a"}], "alpaca", "from"),
+    ([{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}], "sharegpt", "from"),
+    ([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}], "sharegpt", "role"),
+])
+def test_a_bare_file_gets_its_format_detected(tmp_path, rows, formatting, role_tag):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))
+    spec = resolve_dataset(str(path), tmp_path / "no-registry-needed")
+    assert spec.formatting == formatting and spec.tags.role_tag == role_tag
+    examples = convert_rows(spec, read_rows(spec)).examples
+    assert examples[0].messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def test_text_file_is_plain_text(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("one\ntwo\n")
+    assert spec_for_file(path).is_text_only

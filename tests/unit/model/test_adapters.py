@@ -1,0 +1,62 @@
+import pytest
+
+from tests.conftest import build_tiny_model
+from tuneforge.config import FreezeAdapter, FullAdapter, LoraAdapter
+from tuneforge.errors import ConfigError
+from tuneforge.model.adapters import apply_adapter, count_params, decoder_layers
+
+
+def trainable(model):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_lora_all_targets_every_linear_layer_and_trains_only_adapters():
+    model = apply_adapter(build_tiny_model(100), LoraAdapter(rank=2, alpha=4))
+    names = trainable(model)
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    targeted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names}
+    assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(names) == 2 * 7 * 2  # A and B, 7 linears, 2 layers
+
+
+def test_lora_named_targets_are_checked():
+    model = apply_adapter(build_tiny_model(100), LoraAdapter(target_modules=["q_proj", "v_proj"]))
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable(model)} == {"q_proj", "v_proj"}
+    with pytest.raises(ConfigError, match=r"\['qkv'\] are not linear layers of this model"):
+        apply_adapter(build_tiny_model(100), LoraAdapter(target_modules=["qkv"]))
+
+
+def test_freeze_trains_the_last_layers_only():
+    model = apply_adapter(build_tiny_model(100), FreezeAdapter(trainable_layers=1))
+    names = trainable(model)
+    assert names and all(n.startswith("model.layers.1.") for n in names)
+    assert len(names) == len([n for n, _ in model.model.layers[1].named_parameters()])
+
+
+def test_freeze_first_layers_submodules_and_extra_modules():
+    model = apply_adapter(build_tiny_model(100), FreezeAdapter(trainable_layers=-1, trainable_modules=["mlp"],
+                                                               extra_modules=["norm"]))
+    names = trainable(model)
+    assert [n for n in names if n.startswith("model.layers")] == [
+        "model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+    assert "model.norm.weight" in names
+
+
+def test_freeze_errors_list_what_exists():
+    with pytest.raises(ConfigError, match="trainable_layers: 5 but the model has 2 layers"):
+        apply_adapter(build_tiny_model(100), FreezeAdapter(trainable_layers=5))
+    with pytest.raises(ConfigError, match=r"\['attn'\] match nothing"):
+        apply_adapter(build_tiny_model(100), FreezeAdapter(trainable_modules=["attn"]))
+
+
+def test_full_trains_everything_and_tied_weights_count_once():
+    model = apply_adapter(build_tiny_model(100), FullAdapter())
+    count = count_params(model)
+    assert count.trainable == count.total
+    assert count.total == sum(p.numel() for p in model.parameters())  # parameters() already dedups tied weights
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_decoder_layers_finds_the_block_stack():
+    name, layers = decoder_layers(build_tiny_model(100))
+    assert name == "model.layers" and len(layers) == 2

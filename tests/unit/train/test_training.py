@@ -1,0 +1,168 @@
+"""The real Trainer on a tiny random Llama: what changes, accumulation, resume, interruption, run directory."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from tuneforge.config import load_config
+from tuneforge.errors import ConfigError
+from tuneforge.train.prepare import build_model, prepare
+from tuneforge.train.run import build_trainer, check, train
+from tuneforge.rundir import prepare_run_dir
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run_dir):
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+def test_a_run_writes_everything_a_run_directory_promises(tiny_config, tmp_path):
+    result = train(tiny_config)
+    run = result.run_dir
+    assert result.status == "completed"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "adapter" / "tokenizer.json").is_file() and (run / "loss.png").stat().st_size > 1000
+    assert load_config(run / "config.yaml").model.name_or_path == tiny_config["model"]["name_or_path"]
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["status"] == "completed" and meta["global_step"] == 3 and meta["stop"] == ["<|im_end|>"]
+    logged = [m for m in metrics(run) if "loss" in m]
+    assert [m["step"] for m in logged] == [1, 2, 3]
+    assert all(m["tokens_per_second"] > 0 and m["supervised_tokens_per_second"] > 0 for m in logged)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
+@pytest.mark.parametrize("adapter", [{"type": "lora", "rank": 4, "alpha": 8},
+                                     {"type": "freeze", "trainable_layers": 1}, {"type": "full"}])
+def test_one_step_changes_every_trainable_parameter_and_no_frozen_one(tiny_config, adapter):
+    tiny_config["method"]["adapter"] = adapter
+    tiny_config["train"].update(max_steps=1, learning_rate=1e-2)
+    cfg = load_config(tiny_config)
+    prepared = prepare(cfg)
+    run, _ = prepare_run_dir(cfg)
+    model = build_model(cfg, prepared.source)
+    if adapter["type"] == "lora":  # B starts at zero: give it a value so that A gets a gradient in step one
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer, _ = build_trainer(cfg, model, prepared, run)
+    trainer.train()
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        assert changed == p.requires_grad, name
+
+
+def _grads_after_one_step(tiny_config, batch, accumulation):
+    tiny_config["method"]["adapter"] = {"type": "full"}
+    tiny_config["train"].update(max_steps=1, batch_size=batch, gradient_accumulation_steps=accumulation,
+                                optim="sgd", learning_rate=1.0, max_grad_norm=0, lr_scheduler="constant")
+    tiny_config["output"]["run_dir"] += f"-{batch}x{accumulation}"
+    cfg = load_config(tiny_config)
+    prepared = prepare(cfg)
+    run, _ = prepare_run_dir(cfg)
+    model = build_model(cfg, prepared.source)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer, _ = build_trainer(cfg, model, prepared, run)
+    out = trainer.train()
+    # plain SGD with lr 1: the update is exactly minus the gradient
+    return {n: before[n] - p.detach() for n, p in model.named_parameters()}, out.training_loss
+
+
+def test_batch_4_equals_batch_1_with_4_accumulation_steps(tiny_config):
+    grads_a, loss_a = _grads_after_one_step(tiny_config, 4, 1)
+    grads_b, loss_b = _grads_after_one_step(tiny_config, 1, 4)
+    assert abs(loss_a - loss_b) < 1e-5
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_resume_reproduces_the_next_step_losses(tiny_config):
+    tiny_config["train"].update(max_steps=4, save_steps=2)
+    full = train(tiny_config).run_dir
+    tiny_config["output"]["run_dir"] += "-resumed"
+    first = train(tiny_config, ["train.max_steps=4", "train.save_steps=2"])  # same run, then resume from step 2
+    resumed = train(tiny_config, [f"train.resume_from_checkpoint={first.run_dir}/checkpoints/checkpoint-2"])
+    assert resumed.status == "completed"
+    reference, again = step_losses(full), step_losses(resumed.run_dir)
+    assert again[3] == pytest.approx(reference[3], abs=1e-6) and again[4] == pytest.approx(reference[4], abs=1e-6)
+
+
+class _InterruptAfter(TrainerCallback):
+    def __init__(self, stop, step):
+        self.stop, self.step = stop, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.stop.requested = True  # what the first Ctrl-C does
+
+
+def test_an_interrupted_run_keeps_a_checkpoint_and_resumes(tiny_config, monkeypatch):
+    import tuneforge.train.run as run_module
+
+    tiny_config["train"].update(max_steps=5, save_steps=100)
+    real_build = run_module.build_trainer
+
+    def build_interrupting(*args, **kwargs):
+        trainer, stop = real_build(*args, **kwargs)
+        trainer.callback_handler.callbacks.insert(0, _InterruptAfter(stop, 2))
+        return trainer, stop
+
+    monkeypatch.setattr(run_module, "build_trainer", build_interrupting)
+    stopped = train(tiny_config)
+    assert stopped.status == "interrupted"
+    assert (stopped.run_dir / "checkpoints" / "checkpoint-2").is_dir()
+    assert json.loads((stopped.run_dir / "run.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(run_module, "build_trainer", real_build)
+    resumed = train(tiny_config, ["train.resume_from_checkpoint=auto"])
+    assert resumed.status == "completed" and json.loads((resumed.run_dir / "run.json").read_text())["global_step"] == 5
+
+
+def test_an_existing_run_is_not_overwritten_by_accident(tiny_config):
+    train(tiny_config)
+    with pytest.raises(ConfigError, match="already holds a run \\(status: completed\\). hint: set output.overwrite=true"):
+        train(tiny_config)
+    assert train(tiny_config, ["output.overwrite=true"]).status == "completed"
+
+
+def test_a_foreign_folder_is_never_cleared(tiny_config, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is not a TuneForge run directory"):
+        train(tiny_config, ["output.overwrite=true"])
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_eval_split_is_evaluated(tiny_config):
+    tiny_config["data"]["val_size"] = 4
+    result = train(tiny_config, ["train.eval_steps=2"])
+    assert "eval_loss" in result.metrics
+    assert any("eval_loss" in m for m in metrics(result.run_dir))
+
+
+def test_freeze_and_full_runs_save_a_loadable_model(tiny_config):
+    from transformers import AutoModelForCausalLM
+
+    tiny_config["method"]["adapter"] = {"type": "full"}
+    full = train(tiny_config)
+    assert not (full.run_dir / "adapter").exists()
+    assert len(load_file(full.run_dir / "model" / "model.safetensors")) >= 20
+    tiny_config["method"]["adapter"] = {"type": "freeze", "trainable_layers": 1}
+    tiny_config["output"]["run_dir"] += "-freeze"
+    frozen = train(tiny_config)
+    weights = load_file(frozen.run_dir / "model" / "model.safetensors")
+    assert "model.layers.1.mlp.up_proj.weight" in weights
+    assert AutoModelForCausalLM.from_pretrained(frozen.run_dir / "model").config.num_hidden_layers == 2
+
+
+def test_check_reports_without_training(tiny_config):
+    result = check(tiny_config)
+    assert "identity: 16 rows read, 16 used" in result.report
+    assert "method: stage sft, adapter lora; trainable params" in result.report
+    assert not Path(tiny_config["output"]["run_dir"]).exists()
