@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# LLaMA-Factory's data/ folder (registry and demo sets), copied unchanged from ../shared/data/llamafactory so that
+# the tests run on any clean clone; see tests/assets/llamafactory/SOURCE_COMMIT and LICENSE (Apache-2.0).
+LLAMAFACTORY_DATA = REPO / "tests" / "assets" / "llamafactory"
 
 # A ChatML template in the style models ship in tokenizer_config.json (no default system prompt).
 CHATML = (

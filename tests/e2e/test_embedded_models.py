@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import LLAMAFACTORY_DATA, REPO
 from tuneforge.config import ModelConfig
 from tuneforge.data.template import resolve_template
 from tuneforge.model.embedded import installed, locate_embedded
@@ -70,9 +70,8 @@ def test_builtin_chatml_tokens_equal_smollm2s_own_template():
 
 
 @needs_smollm2
-@pytest.mark.skipif(not (SHARED_DATA / "llamafactory").is_dir(), reason="../shared/data/llamafactory not present")
 def test_check_reads_llamafactory_registry_unchanged():
-    out = tuneforge("check", "examples/quickstart.yaml", f"data.dataset_dir={SHARED_DATA / 'llamafactory'}",
+    out = tuneforge("check", "examples/quickstart.yaml", f"data.dataset_dir={LLAMAFACTORY_DATA}",
                     "data.dataset=alpaca_zh_demo,glaive_toolcall_en_demo", "data.cutoff_len=1024",
                     "data.placeholders={}").stdout
     assert "alpaca_zh_demo: 1000 rows read" in out and "glaive_toolcall_en_demo: 300 rows read" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from tuneforge.config import TuneForgeConfig
 from tuneforge.data.pipeline import DataBundle, load_data
 from tuneforge.data.template import ChatTemplate, resolve_template
+from tuneforge.errors import ConfigError
 from tuneforge.model.adapters import ParamCount, apply_adapter, count_params, upcast_trainable
 from tuneforge.model.loader import ModelSource, default_cache_dir, load_model, load_tokenizer, resolve_dtype, resolve_model
 
@@ -22,7 +24,19 @@ class Prepared:
     data: DataBundle
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_trackers(report_to: list[str]) -> None:
+    missing = [name for name in report_to if name in TRACKER_PACKAGES
+               and importlib.util.find_spec(TRACKER_PACKAGES[name]) is None]
+    if missing:
+        raise ConfigError(f"train.report_to: {', '.join(missing)} is not installed. "
+                          f"hint: pip install {' '.join(TRACKER_PACKAGES[m] for m in missing)}, or remove it")
+
+
 def prepare(cfg: TuneForgeConfig) -> Prepared:
+    check_trackers(cfg.train.report_to)
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     template, note = resolve_template(cfg.model.template, tokenizer)

@@ -2,14 +2,12 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, SHARED_DATA
+from tests.conftest import LLAMAFACTORY_DATA as LLAMAFACTORY, REPO
 from tuneforge.data.convert import convert_rows
 from tuneforge.data.readers import read_rows
 from tuneforge.data.registry import load_registry, resolve_dataset, spec_for_file
 from tuneforge.errors import DataError
 
-LLAMAFACTORY = SHARED_DATA / "llamafactory"
-needs_shared = pytest.mark.skipif(not LLAMAFACTORY.is_dir(), reason="../shared/data/llamafactory not present")
 
 # Rows in each demo file of LLaMA-Factory's data/ folder (counted with json.load / wc -l).
 EXPECTED_ROWS = {"identity": 91, "alpaca_en_demo": 999, "alpaca_zh_demo": 1000, "glaive_toolcall_en_demo": 300,
@@ -17,7 +15,6 @@ EXPECTED_ROWS = {"identity": 91, "alpaca_en_demo": 999, "alpaca_zh_demo": 1000, 
                  "wiki_demo": 30, "c4_demo": 300}
 
 
-@needs_shared
 @pytest.mark.parametrize("name", sorted(EXPECTED_ROWS))
 def test_every_llamafactory_demo_set_loads_with_its_row_count(name):
     spec = load_registry(LLAMAFACTORY)[name]
@@ -26,7 +23,6 @@ def test_every_llamafactory_demo_set_loads_with_its_row_count(name):
     assert not conversion.bad_rows and not conversion.dropped
 
 
-@needs_shared
 def test_llamafactory_registry_parses_every_entry_including_hub_ones():
     registry = load_registry(LLAMAFACTORY)
     assert len(registry) == len(json.loads((LLAMAFACTORY / "dataset_info.json").read_text()))
@@ -34,14 +30,12 @@ def test_llamafactory_registry_parses_every_entry_including_hub_ones():
     assert registry["kto_en_demo"].columns.kto_tag == "label"
 
 
-@needs_shared
 def test_registered_file_that_is_missing_says_where_it_looked():
     spec = load_registry(LLAMAFACTORY)["mllm_demo"]
     with pytest.raises(DataError, match=r"data set 'mllm_demo': file .*mllm_demo.json does not exist"):
         read_rows(spec)
 
 
-@needs_shared
 def test_demo_contents_convert_to_the_expected_conversations():
     reg = load_registry(LLAMAFACTORY)
     glaive = convert_rows(reg["glaive_toolcall_en_demo"], read_rows(reg["glaive_toolcall_en_demo"])).examples[0]

@@ -166,3 +166,12 @@ def test_check_reports_without_training(tiny_config):
     assert "identity: 16 rows read, 16 used" in result.report
     assert "method: stage sft, adapter lora; trainable params" in result.report
     assert not Path(tiny_config["output"]["run_dir"]).exists()
+
+
+def test_a_tracker_that_is_not_installed_is_reported_before_loading(tiny_config, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match="train.report_to: wandb is not installed. hint: pip install wandb"):
+        check(tiny_config, ["train.report_to=[wandb]"])
