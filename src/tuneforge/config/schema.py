@@ -115,6 +115,9 @@ class LoraAdapter(Strict):
     modules_to_save: list[str] = Field(
         default_factory=list, description="Extra modules trained in full and saved with the adapter (e.g. lm_head)."
     )
+    last_layers: int | None = Field(
+        None, ge=1, description="Adapt only the last N decoder layers; backpropagation then stops there (faster)."
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod

@@ -53,8 +53,17 @@ def _apply_lora(model: nn.Module, adapter: LoraAdapter) -> nn.Module:
         if missing:
             raise ConfigError(f"method.adapter.target_modules: {missing} are not linear layers of this model; "
                               f"it has {sorted(linear_names)} (or use `all`)")
+    layers = None
+    if adapter.last_layers:
+        prefix, stack = decoder_layers(model)
+        if adapter.last_layers > len(stack):
+            raise ConfigError(f"method.adapter.last_layers: {adapter.last_layers} but the model has {len(stack)} layers")
+        layers = list(range(len(stack) - adapter.last_layers, len(stack)))
+        if targets == "all-linear":  # PEFT takes a layer range only with explicit module names
+            targets = sorted({n.rsplit(".", 1)[-1] for n, m in stack.named_modules() if isinstance(m, nn.Linear)})
     config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
                         target_modules=targets, modules_to_save=adapter.modules_to_save or None,
+                        layers_to_transform=layers, layers_pattern=prefix.rsplit(".", 1)[-1] if layers else None,
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 

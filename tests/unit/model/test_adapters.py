@@ -26,6 +26,14 @@ def test_lora_named_targets_are_checked():
         apply_adapter(build_tiny_model(100), LoraAdapter(target_modules=["qkv"]))
 
 
+def test_lora_on_the_last_layers_only():
+    model = apply_adapter(build_tiny_model(100), LoraAdapter(rank=2, last_layers=1))
+    names = trainable(model)
+    assert names and all(".layers.1." in n for n in names) and len(names) == 2 * 7
+    with pytest.raises(ConfigError, match="last_layers: 3 but the model has 2 layers"):
+        apply_adapter(build_tiny_model(100), LoraAdapter(last_layers=3))
+
+
 def test_freeze_trains_the_last_layers_only():
     model = apply_adapter(build_tiny_model(100), FreezeAdapter(trainable_layers=1))
     names = trainable(model)
