@@ -78,3 +78,30 @@ def tiny_config(tiny_model_dir, tmp_path):
                   "group_by_length": False},
         "output": {"run_dir": str(tmp_path / "run")},
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A finished two-step LoRA run of the tiny model (with a default system prompt), shared by inference tests."""
+    from tuneforge.train.run import train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    config = {
+        "model": {"name_or_path": str(tiny_model_dir), "cache_dir": str(root / "cache")},
+        "data": {"dataset": "identity", "dataset_dir": str(REPO / "data"), "max_samples": 8,
+                 "placeholders": {"name": "Tiny", "author": "Tests"}, "default_system": "Be brief."},
+        "train": {"max_steps": 2, "batch_size": 4, "save_steps": 10},
+        "output": {"run_dir": str(root / "run")},
+    }
+    return train(config).run_dir
+
+
+def write_label_data(folder: Path, n: int = 12) -> Path:
+    """A tiny labelled data set ({"text", "label"} rows, like the reviews) with its registry entry."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"text": f"{'great' if i % 2 else 'awful'} product number {i}", "label": i % 2} for i in range(n)]
+    (folder / "labels.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (folder / "dataset_info.json").write_text(json.dumps({
+        "labels": {"file_name": "labels.jsonl", "columns": {"prompt": "text", "response": "label"}},
+        "identity": {"file_name": str(REPO / "data" / "identity.json")}}))
+    return folder

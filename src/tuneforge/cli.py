@@ -1,4 +1,4 @@
-"""tuneforge train|check|chat|env: thin wrappers over the Python API. User errors print without a traceback."""
+"""tuneforge train|check|chat|predict|eval|export|env: thin wrappers over the Python API. User errors print without a traceback."""
 
 from __future__ import annotations
 
@@ -53,8 +53,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="vllm needs a GPU and the vllm package")
     p.set_defaults(func=_chat)
+    p = sub.add_parser("predict", help="run a model over a data set; write predictions.jsonl and metrics.json",
+                       description="Label scoring (answers from a small label set) or free generation, batched.")
+    p.add_argument("target", help="run directory or model name/path")
+    p.add_argument("--data", required=True, help="data set name in dataset_info.json, or a data file")
+    p.add_argument("--dataset-dir", default="data", help="folder of dataset_info.json (default: data)")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/predict/NAME or predict/NAME)")
+    p.add_argument("--mode", choices=["auto", "score", "generate"], default="auto")
+    p.add_argument("--labels", help="candidate labels, comma-separated (default: detected)")
+    p.add_argument("--max-samples", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--template", default="auto", help="chat template when TARGET is a model")
+    p.add_argument("--system", help="system prompt for every row (default: the run's)")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="vllm needs a GPU and the vllm package")
+    p.set_defaults(func=_predict)
+    p = sub.add_parser("eval", help="fine-tuned vs base on the config's eval data, with forgetting and repetition checks",
+                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="the training config (its output.run_dir and eval section are used)")
+    p.add_argument("overrides", nargs="*", help="overrides such as eval.dataset=reviews_zh_dev eval.max_samples=200")
+    p.set_defaults(func=_eval)
+    p = sub.add_parser("export", help="merge the adapter and save a Hugging Face folder or a GGUF file",
+                       description="hf: safetensors shards, tokenizer with the trained chat template, generation "
+                       "config, model card. gguf: one GGUF file (llama, qwen2, qwen3, gemma3) and an Ollama Modelfile.")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--out", required=True, help="new (or empty) output folder")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf")
+    p.add_argument("--gguf-type", default="q8_0", help="f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (hf format)")
+    p.set_defaults(func=_export)
     p = sub.add_parser("env", help="versions, device and embedded models")
     p.set_defaults(func=_env)
     return parser
@@ -82,8 +113,8 @@ def _chat(args) -> int:
     from tuneforge.infer.engine import Engine, GenerationSettings
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty)
-    engine = Engine.load(args.target, template=args.template)
+                                  top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    engine = Engine.load(args.target, template=args.template, backend=args.backend)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         print(engine.chat(system + [{"role": "user", "content": args.prompt}], settings))
@@ -111,6 +142,47 @@ def _chat(args) -> int:
             print(piece, end="", flush=True)
         print()
         history.append({"role": "assistant", "content": answer.strip()})
+
+
+def _predict(args) -> int:
+    from pathlib import Path
+
+    from tuneforge.config import DataConfig
+    from tuneforge.data.pipeline import load_examples
+    from tuneforge.evaluate.predict import predict, save_prediction, split_answers, summary
+    from tuneforge.infer.engine import Engine, GenerationSettings
+    from tuneforge.rundir import META
+
+    engine = Engine.load(args.target, template=args.template, backend=args.backend)
+    if args.system is not None:
+        engine.default_system = args.system
+    spec, conversion = load_examples(args.data, DataConfig(dataset=[args.data], dataset_dir=args.dataset_dir),
+                                     args.max_samples)
+    prompts, references = split_answers(conversion.examples, spec.name)
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    result = predict(engine, prompts, references, mode=args.mode, labels=labels, batch_size=args.batch_size,
+                     settings=GenerationSettings(max_new_tokens=args.max_new_tokens))
+    is_run = (Path(args.target) / META).is_file()
+    out = Path(args.out) if args.out else (Path(args.target) if is_run else Path(".")) / "predict" / Path(spec.name).stem
+    save_prediction(result, out)
+    print(f"tuneforge: {summary(result.metrics)}")
+    print(f"tuneforge: wrote {out / 'predictions.jsonl'} and {out / 'metrics.json'}")
+    return 0
+
+
+def _eval(args) -> int:
+    from tuneforge.evaluate.compare import run_eval
+
+    run_eval(args.config, args.overrides)
+    return 0
+
+
+def _export(args) -> int:
+    from tuneforge.export.export import export_run
+
+    path = export_run(args.run_dir, args.out, args.format, args.gguf_type, args.max_shard_size)
+    print(f"tuneforge: exported {args.run_dir} to {path}")
+    return 0
 
 
 def _env(args) -> int:

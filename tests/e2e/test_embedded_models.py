@@ -28,11 +28,17 @@ def tuneforge(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return done
 
 
-@needs_smollm2
-def test_quickstart_trains_then_chats_and_keeps_everything(tmp_path):
-    run = tmp_path / "quickstart"
+@pytest.fixture(scope="module")
+def smol_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("smol") / "quickstart"
     out = tuneforge("train", "examples/quickstart.yaml", "train.max_steps=3", "train.save_steps=2",
                     "train.logging_steps=1", f"output.run_dir={run}").stdout
+    return run, out
+
+
+@needs_smollm2
+def test_quickstart_trains_then_chats_and_keeps_everything(smol_run):
+    run, out = smol_run
     assert "identity: 91 rows read, 91 used" in out and "tuneforge: completed" in out
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
@@ -89,3 +95,44 @@ def test_gemma3_continued_pretraining_runs(tmp_path):
     text = gemma.render(tokenizer, [{"role": "user", "content": "好评还是差评？"}], add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.convert_ids_to_tokens(ids[:3]) == ["<bos>", "<start_of_turn>", "user"]
+
+
+@needs_smollm2
+def test_export_merges_and_writes_a_gguf_that_loads_back(smol_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.infer.engine import Engine
+
+    run, _ = smol_run
+    tuneforge("export", str(run), "--out", str(tmp_path / "hf"))
+    tuneforge("export", str(run), "--out", str(tmp_path / "gguf"), "--format", "gguf", "--gguf-type", "q8_0")
+    engine = Engine.load(str(run))
+    ids = torch.tensor([engine.prompt_ids([{"role": "user", "content": "Who are you?"}])])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    gguf = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="quickstart-q8_0.gguf").eval()
+    with torch.no_grad():
+        expected = engine.model(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+        q8 = gguf(input_ids=ids).logits
+    # q8_0 rounds every weight matrix: logits move by about 0.15 on average, the next-token choice rarely
+    assert (q8 - expected).abs().mean() < 0.5 and (q8.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+    modelfile = (tmp_path / "gguf" / "Modelfile").read_text()
+    assert 'SYSTEM """You are a helpful AI assistant."""' in modelfile and "<|im_start|>assistant" in modelfile
+
+
+@needs_gemma
+def test_reviews_pipeline_train_predict_eval(tmp_path):
+    run = tmp_path / "reviews"
+    tuneforge("train", "examples/reviews_zh_lora.yaml", "data.max_samples=16", "train.max_steps=2",
+              "train.batch_size=8", f"output.run_dir={run}")
+    out = tuneforge("predict", str(run), "--data", "reviews_zh_dev", "--max-samples", "16", "--labels", "0,1").stdout
+    assert "accuracy" in out and "label scoring" in out
+    metrics = json.loads((run / "predict" / "reviews_zh_dev" / "metrics.json").read_text())
+    assert metrics["mode"] == "score" and metrics["samples"] == 16
+    rows = [json.loads(x) for x in (run / "predict" / "reviews_zh_dev" / "predictions.jsonl").read_text().splitlines()]
+    assert {r["label"] for r in rows} <= {"0", "1"} and {r["prediction"] for r in rows} <= {"0", "1"}
+    table = tuneforge("eval", "examples/reviews_zh_lora.yaml", f"output.run_dir={run}", "eval.max_samples=16",
+                      "eval.general_samples=2", "eval.max_new_tokens=8").stdout
+    assert "reviews_zh_dev accuracy" in table and "alpaca_zh_demo answer_perplexity" in table
+    report = json.loads((run / "eval.json").read_text())
+    assert set(report["datasets"]["reviews_zh_dev"]) == {"base", "tuned"}

@@ -1,6 +1,7 @@
 from tuneforge.config.loader import dump_config, load_config
 from tuneforge.config.schema import (
     DataConfig,
+    EvalConfig,
     FreezeAdapter,
     FullAdapter,
     LoraAdapter,
@@ -13,6 +14,7 @@ from tuneforge.config.schema import (
 
 __all__ = [
     "DataConfig",
+    "EvalConfig",
     "FreezeAdapter",
     "FullAdapter",
     "LoraAdapter",

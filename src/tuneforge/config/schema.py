@@ -25,6 +25,10 @@ def _split_names(value):
     return value
 
 
+def _all_or_names(value):
+    return value if value == "all" else _split_names(value)
+
+
 class ModelConfig(Strict):
     name_or_path: str = Field(
         description="What to fine-tune: an embedded model name (see `tuneforge env`), a local Hugging Face "
@@ -119,14 +123,8 @@ class LoraAdapter(Strict):
         None, ge=1, description="Adapt only the last N decoder layers; backpropagation then stops there (faster)."
     )
 
-    @field_validator("target_modules", mode="before")
-    @classmethod
-    def _targets(cls, v):
-        if isinstance(v, str) and v != "all":
-            return _split_names(v)
-        return v
-
     _split = field_validator("modules_to_save", mode="before")(_split_names)
+    _all_or_split = field_validator("target_modules", mode="before")(_all_or_names)
 
 
 class FreezeAdapter(Strict):
@@ -141,14 +139,8 @@ class FreezeAdapter(Strict):
         default_factory=list, description="Modules outside the decoder layers to train too (e.g. embed_tokens)."
     )
 
-    @field_validator("trainable_modules", mode="before")
-    @classmethod
-    def _mods(cls, v):
-        if isinstance(v, str) and v != "all":
-            return _split_names(v)
-        return v
-
     _split = field_validator("extra_modules", mode="before")(_split_names)
+    _all_or_split = field_validator("trainable_modules", mode="before")(_all_or_names)
 
     @field_validator("trainable_layers")
     @classmethod
@@ -218,12 +210,42 @@ class OutputConfig(Strict):
     plot_loss: bool = Field(True, description="Write loss.png during and after training.")
 
 
+class EvalConfig(Strict):
+    dataset: list[str] = Field(
+        default_factory=list, description="Data sets to evaluate after training (registry names or files)."
+    )
+    max_samples: int | None = Field(None, ge=1, description="Evaluate at most this many rows of each data set.")
+    mode: Literal["auto", "score", "generate"] = Field(
+        "auto",
+        description="score: pick the likeliest of the labels (fast, always valid); generate: free text; "
+        "auto: score when the answers come from a small set of labels.",
+    )
+    labels: list[str] | None = Field(None, description="Candidate labels for scoring (default: detected from answers).")
+    batch_size: int = Field(16, ge=1, description="Rows per forward pass during evaluation.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest generated answer during evaluation.")
+    compare_to: Literal["none", "base"] = Field(
+        "base", description="Also evaluate the base model, side by side with the fine-tuned one."
+    )
+    general_dataset: str | None = Field(
+        "alpaca_en_demo", description="General data for the forgetting and repetition checks (none to skip)."
+    )
+    general_samples: int = Field(32, ge=1, description="Rows of general_dataset used by those checks.")
+
+    _split = field_validator("dataset", mode="before")(_split_names)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels(cls, v):
+        return _split_names(v) if isinstance(v, str) else v
+
+
 class TuneForgeConfig(Strict):
     model: ModelConfig
     data: DataConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _combinations(self) -> "TuneForgeConfig":

@@ -36,21 +36,50 @@ def encode_sft(example: Example, tokenizer, template: ChatTemplate, cutoff_len: 
                train_on_prompt: bool = False, mask_history: bool = False, overlong: str = "drop") -> Encoded:
     if not example.messages or example.messages[-1]["role"] != "assistant":
         raise Overlong("the conversation does not end with an answer")
+    _, encoded = _fit(example.messages, parse_tools(example.tools), tokenizer, template, cutoff_len,
+                      train_on_prompt, mask_history, overlong)
+    return encoded
+
+
+@dataclass
+class EncodedPair:
+    chosen: Encoded
+    rejected: Encoded
+
+
+def encode_pair(example: Example, tokenizer, template: ChatTemplate, cutoff_len: int,
+                overlong: str = "drop") -> EncodedPair:
+    """A preference pair: the same prompt with the chosen and with the rejected answer; loss masks cover the
+    final answer only. The prompt is shortened once, for the longer answer, and shared by both."""
+    if not example.messages or example.messages[-1]["role"] == "assistant":
+        raise Overlong("a preference row needs a prompt that ends with a user turn")
     tools = parse_tools(example.tools)
-    messages = [dict(m) for m in example.messages]
+    answers = {"chosen": example.chosen, "rejected": example.rejected}
+    longer = max(answers, key=lambda k: len(tokenizer(answers[k], add_special_tokens=False)["input_ids"]))
+    shorter = "rejected" if longer == "chosen" else "chosen"
+    fitted, long_enc = _fit(example.messages + [{"role": "assistant", "content": answers[longer]}], tools,
+                            tokenizer, template, cutoff_len, False, True, overlong)
+    ids, labels = _tokenize(template, tokenizer, fitted[:-1] + [{"role": "assistant", "content": answers[shorter]}],
+                            tools, False, True)
+    short_enc = Encoded(ids, labels, long_enc.truncated)
+    return EncodedPair(**{longer: long_enc, shorter: short_enc})
+
+
+def _fit(messages, tools, tokenizer, template, cutoff_len, train_on_prompt, mask_history, overlong):
+    """Tokenize, shortening contents by the truncation policy until the sequence fits cutoff_len.
+    Returns the (possibly shortened) messages and their encoding."""
+    messages = [dict(m) for m in messages]
     ids, labels = _tokenize(template, tokenizer, messages, tools, train_on_prompt, mask_history)
     if len(ids) <= cutoff_len:
-        return Encoded(ids, labels)
+        return messages, Encoded(ids, labels)
     roles = PROMPT_ROLES + (("assistant",) if overlong == "truncate_answer" else ())
     for _ in range(6):  # re-tokenizing shortened text can differ by a token or two: converge in a few rounds
         excess = len(ids) - cutoff_len
-        if excess <= 0:
-            return Encoded(ids, labels, truncated=True)
-        if not _shorten(messages, tokenizer, excess, roles):
+        if excess <= 0 or not _shorten(messages, tokenizer, excess, roles):
             break
         ids, labels = _tokenize(template, tokenizer, messages, tools, train_on_prompt, mask_history)
     if len(ids) <= cutoff_len:
-        return Encoded(ids, labels, truncated=True)
+        return messages, Encoded(ids, labels, truncated=True)
     raise Overlong("answers longer than cutoff_len" if overlong == "drop" else "template alone exceeds cutoff_len")
 
 

@@ -101,6 +101,16 @@ def load_data(cfg: DataConfig, stage: str, tokenizer, template: ChatTemplate, ca
     return DataBundle(train, evaluation, reports)
 
 
+def load_examples(name: str, cfg: DataConfig, max_samples: int | None = None, hub: str = "huggingface"):
+    """Converted rows of one data set (no tokenization), for prediction and evaluation; bad rows raise."""
+    spec = resolve_dataset(name, cfg.dataset_dir)
+    rows = read_rows(spec, hub)[: max_samples or None]
+    conversion = convert_rows(spec, rows, cfg.placeholders)
+    if conversion.bad_rows:
+        raise DataError(*conversion.bad_rows[:MAX_LISTED_BAD_ROWS])
+    return spec, conversion
+
+
 def _load_converted(name: str, cfg: DataConfig, stage: str, seed: int, hub: str):
     spec = resolve_dataset(name, cfg.dataset_dir)
     _check_stage(spec, stage)

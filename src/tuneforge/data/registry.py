@@ -131,7 +131,9 @@ def spec_for_file(path: Path) -> DatasetSpec:
     row = first_row(path) if path.suffix != ".txt" else {"text": ""}
     base = {"name": str(path), "base_dir": str(path.parent), "file_name": path.name}
     if "text" in row and "instruction" not in row:
-        return DatasetSpec.model_validate({**base, "columns": {"prompt": "text"}})
+        answer = next((k for k in ("label", "output", "answer", "response") if k in row), None)
+        columns = {"prompt": "text", **({"response": answer} if answer else {})}
+        return DatasetSpec.model_validate({**base, "columns": columns})
     for key in ("messages", "conversations"):
         turns = row.get(key)
         if isinstance(turns, list) and turns and isinstance(turns[0], dict):

@@ -84,3 +84,18 @@ def test_pretraining_joins_documents_with_eos_and_cuts_blocks(tokenizer):
     assert n_tokens == len(stream) and all(len(b) == 4 for b in blocks[:-1]) and 0 < len(blocks[-1]) <= 4
     assert stream.count(tokenizer.eos_token_id) == 3
     assert tokenizer.decode(stream) == "first document here<|im_end|>second one<|im_end|>third<|im_end|>"
+
+
+def test_preference_pair_shares_one_prompt_and_masks_only_the_final_answer(tokenizer):
+    from tuneforge.data.encode import encode_pair
+
+    template, _ = resolve_template("chatml", tokenizer)
+    ex = Example("row", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                         {"role": "user", "content": "Rate this " + "very " * 60 + "long text."}],
+                 chosen="Good answer.", rejected="A much longer and worse answer that rambles on and on.")
+    pair = encode_pair(ex, tokenizer, template, 64)
+    assert supervised_text(tokenizer, pair.chosen) == "Good answer.<|im_end|>\n"
+    assert supervised_text(tokenizer, pair.rejected) == "A much longer and worse answer that rambles on and on.<|im_end|>\n"
+    first_answer = lambda enc: [i for i, y in enumerate(enc.labels) if y != IGNORE][0]  # noqa: E731
+    assert pair.chosen.input_ids[:first_answer(pair.chosen)] == pair.rejected.input_ids[:first_answer(pair.rejected)]
+    assert len(pair.rejected.input_ids) <= 64 and pair.chosen.truncated and pair.rejected.truncated

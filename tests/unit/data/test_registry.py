@@ -85,6 +85,15 @@ def test_a_bare_file_gets_its_format_detected(tmp_path, rows, formatting, role_t
     assert examples[0].messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
 
+def test_text_with_a_label_column_is_a_labelled_task(tmp_path):
+    path = tmp_path / "reviews.jsonl"
+    path.write_text('{"text": "很好", "label": 1}\n{"text": "太差", "label": 0}\n')
+    spec = resolve_dataset(str(path), tmp_path)
+    assert not spec.is_text_only
+    assert [e.messages for e in convert_rows(spec, read_rows(spec)).examples][1] == [
+        {"role": "user", "content": "太差"}, {"role": "assistant", "content": "0"}]
+
+
 def test_text_file_is_plain_text(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("one\ntwo\n")

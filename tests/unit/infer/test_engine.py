@@ -2,20 +2,6 @@ import pytest
 
 from tuneforge.errors import ConfigError
 from tuneforge.infer.engine import Engine, GenerationSettings
-from tuneforge.train.run import train
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("engine")
-    config = {
-        "model": {"name_or_path": str(tiny_model_dir), "cache_dir": str(root / "cache")},
-        "data": {"dataset": "identity", "dataset_dir": "data", "max_samples": 8,
-                 "placeholders": {"name": "Tiny", "author": "Tests"}, "default_system": "Be brief."},
-        "train": {"max_steps": 2, "batch_size": 4, "save_steps": 10},
-        "output": {"run_dir": str(root / "run")},
-    }
-    return train(config).run_dir
 
 
 def test_engine_loads_a_run_and_chats_greedily(tiny_run):
@@ -45,3 +31,58 @@ def test_a_folder_that_is_not_a_run_is_explained(tmp_path):
     (tmp_path / "run.json").write_text("{}")
     with pytest.raises(ConfigError, match="not a TuneForge run directory"):
         Engine.from_run(tmp_path)
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_run):
+    engine = Engine.load(str(tiny_run))
+    conversations = [[{"role": "user", "content": text}] for text in ("Who are you?", "Hello there, how are you today?", "x")]
+    settings = GenerationSettings(max_new_tokens=6)
+    batched = engine.generate_batch(conversations, settings, batch_size=3)
+    assert [g.text for g in batched] == [engine.chat(c, settings) for c in conversations]
+
+
+def test_label_scores_agree_between_the_single_token_and_general_paths(tiny_run):
+    engine = Engine.load(str(tiny_run))
+    conversations = [[{"role": "user", "content": t}] for t in ("good product", "bad product, broke in a day")]
+    labels = ["1", "0"]
+    assert [len(ids) for ids in engine.label_ids(labels)] == [1, 1]
+    fast = engine.score_labels(conversations, labels, batch_size=2)
+    prompts = [engine.prompt_ids(c) for c in conversations]
+    for k, ids in enumerate(engine.label_ids(labels)):
+        slow = engine._continuation_logprob(prompts, ids)
+        assert [row[k] for row in fast] == pytest.approx(slow, abs=1e-4)
+    # a multi-token label scores the sum of its tokens' log-probabilities
+    (ids,) = engine.label_ids(["positively"])
+    assert len(ids) >= 2
+    several = engine.score_labels(conversations, ["positively", "1"], batch_size=2)
+    expected = [0.0, 0.0]
+    for k, token in enumerate(ids):
+        step = engine._last_logprobs([p + ids[:k] for p in prompts])[:, token]
+        expected = [e + v for e, v in zip(expected, step.tolist())]
+    assert [r[0] for r in several] == pytest.approx(expected, abs=1e-4)
+
+
+def test_answer_nll_counts_answer_tokens_only(tiny_run):
+    import torch
+
+    engine = Engine.load(str(tiny_run))
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    nll, count = engine.answer_nll([conversation])
+    prompt = engine.prompt_ids(conversation[:1])
+    full = engine.tokenizer.apply_chat_template(engine.with_system(conversation), return_dict=False)
+    assert count == len(full) - len(prompt)
+    with torch.no_grad():
+        logp = torch.log_softmax(engine.model(input_ids=torch.tensor([full])).logits[0].float(), -1)
+    expected = -sum(logp[t - 1, full[t]].item() for t in range(len(prompt), len(full)))
+    assert nll == pytest.approx(expected, rel=1e-4)
+
+
+def test_vllm_backend_without_vllm_says_what_is_needed(tiny_run):
+    import importlib.util
+
+    from tuneforge.errors import ModelError
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(ModelError, match="backend vllm needs the vllm package"):
+        Engine.load(str(tiny_run), backend="vllm")

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, predictions over data sets, before/after comparisons."""

@@ -1,0 +1,155 @@
+"""Write a Hugging Face causal LM and its tokenizer to a GGUF file with the `gguf` package (no llama.cpp build).
+
+Supported architectures: llama (and mistral, which llama.cpp runs as llama), qwen2, qwen3, gemma3.
+Layout conventions follow llama.cpp: llama's q/k rows are interleaved per rotary pair, Gemma's norm weights
+are stored with the +1 that Hugging Face applies at run time, tied output weights are left out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tuneforge.errors import ConfigError
+
+# Hugging Face model_type -> (GGUF architecture, llama.cpp tokenizer pre-split name for byte-level BPE)
+ARCHITECTURES = {"llama": ("llama", "default"), "mistral": ("llama", "default"), "qwen2": ("qwen2", "qwen2"),
+                 "qwen3": ("qwen3", "qwen2"), "gemma3_text": ("gemma3", "default")}
+TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0",
+         "q4_1": "Q4_1", "q4_0": "Q4_0"}
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+              "q5_1": "MOSTLY_Q5_1", "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0"}
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 1, 3, 4, 6
+
+
+def write_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", name: str = "model",
+               pre_tokenizer: str | None = None) -> Path:
+    import gguf
+
+    cfg = model.config
+    if cfg.model_type not in ARCHITECTURES:
+        raise ConfigError(f"GGUF export supports {', '.join(ARCHITECTURES)}; this model is {cfg.model_type!r}. "
+                          "hint: export --format hf, then convert with llama.cpp's convert_hf_to_gguf.py")
+    if qtype not in TYPES:
+        raise ConfigError(f"--gguf-type {qtype!r}: expected one of {', '.join(TYPES)}")
+    arch_name, default_pre = ARCHITECTURES[cfg.model_type]
+    if arch_name == "gemma3" and cfg.query_pre_attn_scalar != cfg.head_dim:
+        raise ConfigError("GGUF has no field for Gemma 3's query_pre_attn_scalar and readers use head_dim "
+                          f"({cfg.head_dim}) in its place; this model uses {cfg.query_pre_attn_scalar}")
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), arch_name)
+    _write_config(writer, cfg, arch_name, name, gguf.LlamaFileType[FILE_TYPES[qtype]])
+    _write_tokenizer(writer, tokenizer, pre_tokenizer or default_pre)
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ConfigError(f"GGUF export: no GGUF name for tensor {hf_name!r} of {cfg.model_type}")
+        data = _to_gguf_layout(tensor.detach().float(), gguf_name, arch_name, cfg).numpy()
+        _add_tensor(writer, gguf_name, data, qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=True)
+    writer.close()
+    return path
+
+
+def _write_config(writer, cfg, arch: str, name: str, file_type) -> None:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_name(name)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_rope_freq_base(_rope_theta(cfg))
+    writer.add_file_type(file_type)
+    if arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    if arch in ("gemma3", "qwen3"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch == "gemma3" and getattr(cfg, "sliding_window", None):
+        writer.add_sliding_window(cfg.sliding_window)
+
+
+def _rope_theta(cfg) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if "full_attention" in params:  # per-layer-type parameters (Gemma 3): the global layers' base
+        params = params["full_attention"]
+    return float(params.get("rope_theta") or getattr(cfg, "rope_theta", 10000.0))
+
+
+def _to_gguf_layout(w: torch.Tensor, gguf_name: str, arch: str, cfg) -> torch.Tensor:
+    if arch == "llama" and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
+        heads = cfg.num_attention_heads if ".attn_q." in gguf_name else cfg.num_key_value_heads
+        # Hugging Face keeps each head's rotary halves apart ([x0..x{d/2}), [x{d/2}..xd)); llama.cpp's llama
+        # rotates adjacent pairs, so rows become (x0, x{d/2}, x1, x{d/2+1}, ...) within every head.
+        half = w.shape[0] // heads // 2
+        return w.reshape(heads, 2, half, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    if arch == "gemma3" and gguf_name.endswith("norm.weight"):
+        return w + 1  # Gemma's RMSNorm multiplies by (1 + weight); llama.cpp stores the factor itself
+    return w
+
+
+def _add_tensor(writer, name: str, data: np.ndarray, qtype: str) -> None:
+    import gguf
+
+    if data.ndim == 1 or qtype == "f32":
+        writer.add_tensor(name, data.astype(np.float32))
+        return
+    kind = gguf.GGMLQuantizationType[TYPES[qtype]]
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    if data.shape[-1] % block:  # rows that do not split into blocks stay in f16 (as llama.cpp does)
+        kind = gguf.GGMLQuantizationType.F16
+    if kind == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor(name, data.astype(np.float16))
+        return
+    packed = gguf.quants.quantize(data.astype(np.float32), kind)
+    writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=kind)
+
+
+def _write_tokenizer(writer, tokenizer, pre: str) -> None:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model["type"] != "BPE":
+        raise ConfigError(f"GGUF export handles BPE tokenizers; this one is {model['type']}")
+    vocab = dict(model["vocab"])
+    for added in spec.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    for token, i in vocab.items():
+        tokens[i] = token
+    special = {a["content"] for a in spec.get("added_tokens", []) if a.get("special")}
+    added = {a["content"] for a in spec.get("added_tokens", []) if not a.get("special")}
+    byte_fallback = bool(model.get("byte_fallback"))
+    types = [TOKEN_CONTROL if t in special else TOKEN_USER_DEFINED if t in added
+             else TOKEN_BYTE if byte_fallback and t.startswith("<0x") and t.endswith(">") and len(t) == 6
+             else TOKEN_NORMAL for t in tokens]
+    if byte_fallback:  # sentencepiece-style vocabulary (Gemma): llama.cpp's "llama" tokenizer
+        writer.add_tokenizer_model("llama")
+        writer.add_token_scores([-float(i) for i in range(size)])  # merge priority follows token order
+        writer.add_add_space_prefix(False)
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    for key, token in (("bos", tokenizer.bos_token), ("eos", tokenizer.eos_token), ("unk", tokenizer.unk_token),
+                       ("pad", tokenizer.pad_token)):
+        if token is not None and token in vocab:
+            getattr(writer, f"add_{key}_token_id")(vocab[token])
+    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
