@@ -151,18 +151,24 @@ def _predict(args) -> int:
     from tuneforge.data.pipeline import load_examples
     from tuneforge.evaluate.predict import predict, save_prediction, split_answers, summary
     from tuneforge.infer.engine import Engine, GenerationSettings
-    from tuneforge.rundir import META
+    from tuneforge.rundir import META, open_run
 
-    engine = Engine.load(args.target, template=args.template, backend=args.backend)
-    if args.system is not None:
-        engine.default_system = args.system
+    is_run = (Path(args.target) / META).is_file()
     spec, conversion = load_examples(args.data, DataConfig(dataset=[args.data], dataset_dir=args.dataset_dir),
                                      args.max_samples)
-    prompts, references = split_answers(conversion.examples, spec.name)
-    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
-    result = predict(engine, prompts, references, mode=args.mode, labels=labels, batch_size=args.batch_size,
-                     settings=GenerationSettings(max_new_tokens=args.max_new_tokens))
-    is_run = (Path(args.target) / META).is_file()
+    if is_run and open_run(args.target).meta().get("stage") == "rm":
+        from tuneforge.evaluate.predict import predict_rewards
+        from tuneforge.infer.reward import RewardModel
+
+        result = predict_rewards(RewardModel.from_run(args.target), conversion.examples, args.batch_size)
+    else:
+        engine = Engine.load(args.target, template=args.template, backend=args.backend)
+        if args.system is not None:
+            engine.default_system = args.system
+        prompts, references = split_answers(conversion.examples, spec.name)
+        labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+        result = predict(engine, prompts, references, mode=args.mode, labels=labels, batch_size=args.batch_size,
+                         settings=GenerationSettings(max_new_tokens=args.max_new_tokens))
     out = Path(args.out) if args.out else (Path(args.target) if is_run else Path(".")) / "predict" / Path(spec.name).stem
     save_prediction(result, out)
     print(f"tuneforge: {summary(result.metrics)}")

@@ -5,33 +5,46 @@ from __future__ import annotations
 import typing
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
-from tuneforge.config.schema import FreezeAdapter, FullAdapter, LoraAdapter, TuneForgeConfig
-
-ADAPTERS = {"lora": LoraAdapter, "freeze": FreezeAdapter, "full": FullAdapter}
+from tuneforge.config.schema import TuneForgeConfig
 
 
 def schema_help(model: type[BaseModel] = TuneForgeConfig, prefix: str = "") -> str:
-    lines = []
+    """One line per key: dotted name, default, description. Keys of one variant of a union are tagged [variant]."""
+    lines: list[str] = []
     for name, field in model.model_fields.items():
-        key = f"{prefix}{name}"
-        nested = _nested_model(field.annotation)
-        if key == "method.adapter":  # a discriminated union: list each variant's keys, tagged
-            lines.append(f"  {key}.type  lora | freeze | full (default lora): {field.description}")
-            for tag, cls in ADAPTERS.items():
-                lines += [f"{line}   [{tag}]" for line in schema_help(cls, f"{key}.").splitlines()
-                          if not line.strip().startswith(f"{key}.type")]
-            continue
-        if nested is not None:
-            lines.append(schema_help(nested, f"{key}."))
-            continue
-        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-        lines.append(f"  {key}  ({default}): {field.description or ''}")
-    return "\n".join(line for line in lines if line)
+        lines += _field_lines(f"{prefix}{name}", field, "")
+    return "\n".join(lines)
 
 
-def _nested_model(annotation):
+def _field_lines(key: str, field: FieldInfo, tag: str) -> list[str]:
+    variants = _models(field.annotation)
+    if len(variants) > 1:
+        return _union_lines(key, variants, tag)
+    if variants:
+        return [line for name, sub in variants[0].model_fields.items() for line in _field_lines(f"{key}.{name}", sub, tag)]
+    default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+    return [f"  {key}  ({default}): {field.description or ''}{tag}"]
+
+
+def _union_lines(key: str, variants: list[type[BaseModel]], tag: str) -> list[str]:
+    """A discriminated union (method by stage, adapter by type): its tag, shared keys once, the others tagged."""
+    disc = next(k for k in ("stage", "type") if all(k in v.model_fields for v in variants))
+    names = [v.model_fields[disc].default for v in variants]
+    description = variants[0].model_fields[disc].description or ""
+    lines = [f"  {key}.{disc}  {' | '.join(names)} (default {names[0]}): {description}{tag}"]
+    shared = set.intersection(*(set(v.model_fields) for v in variants)) - {disc}
+    for name in (n for n in variants[0].model_fields if n in shared):
+        lines += _field_lines(f"{key}.{name}", variants[0].model_fields[name], tag)
+    for variant, value in zip(variants, names):
+        for name, field in variant.model_fields.items():
+            if name not in shared and name != disc:
+                lines += _field_lines(f"{key}.{name}", field, f"{tag}   [{value}]")
+    return lines
+
+
+def _models(annotation) -> list[type[BaseModel]]:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    args = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
-    return args[0] if len(args) == 1 else None
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models(arg)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,7 +23,7 @@ def load_config(source: str | Path | Mapping[str, Any] | TuneForgeConfig, overri
     if isinstance(source, TuneForgeConfig):
         raw, where = source.model_dump(mode="json"), "config"
     elif isinstance(source, Mapping):
-        raw, where = dict(source), "config"
+        raw, where = copy.deepcopy(dict(source)), "config"  # overrides must not change the caller's dict
     else:
         raw, where = read_yaml(Path(source)), str(source)
     raw = apply_overrides(raw, overrides)
@@ -62,9 +64,32 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             node[parts[-1]] = text
+        if parts[-1] in ("type", "stage"):
+            _drop_keys_of_other_variants(raw, parts)
     if problems:
         raise ConfigError(*problems)
     return raw
+
+
+def _drop_keys_of_other_variants(raw: dict, parts: list[str]) -> None:
+    """`method.adapter.type=full` on the command line switches variant: the YAML's lora keys (rank, alpha, ...)
+    no longer apply, so they are dropped, with a note, instead of failing as unknown keys."""
+    model: type[BaseModel] | None = TuneForgeConfig
+    node = raw
+    for part in parts[:-1]:
+        field = model.model_fields.get(part) if model else None
+        node = node.get(part) if isinstance(node, dict) else None
+        candidates = _models_in(field.annotation) if field else []
+        if not isinstance(node, dict) or not candidates:
+            return
+        tag = next((node[k] for k in ("type", "stage") if k in node), None)
+        model = next((c for c in candidates if tag in _tags(c)), candidates[0])
+    dropped = [key for key in node if key not in model.model_fields]
+    for key in dropped:
+        del node[key]
+    if dropped:
+        print(f"tuneforge: {'.'.join(parts)}={node[parts[-1]]}: dropped {', '.join(dropped)} "
+              "(they belong to the variant it replaces)", file=sys.stderr)
 
 
 def validate_config(raw: dict[str, Any], where: str = "config") -> TuneForgeConfig:
@@ -90,6 +115,11 @@ def _describe(err: dict, where: str) -> str:
             close = difflib.get_close_matches(loc[-1], list(owner.model_fields), n=1, cutoff=0.6)
             msg += f"; did you mean '{close[0]}'?" if close else f"; expected one of {', '.join(owner.model_fields)}"
         return msg
+    if err["type"] == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        disc = str(ctx.get("discriminator", "type")).strip("'")
+        expected = str(ctx.get("expected_tags", "")).replace("'", "").replace(", ", " | ")
+        return f"{where}: {path}.{disc}: {ctx.get('tag')!r} is not one of {expected}"
     if err["type"] == "missing":
         return f"{where}: {path}: required key is missing"
     given = err.get("input")
@@ -109,11 +139,16 @@ def _walk(loc: list[str]) -> tuple[type[BaseModel] | None, list[str]]:
         candidates = _models_in(field.annotation) if field else []
         if len(candidates) > 1 and i + 1 < len(loc):
             tag = loc[i + 1]
-            chosen = [c for c in candidates if "type" in c.model_fields and c.model_fields["type"].default == tag]
+            chosen = [c for c in candidates if tag in _tags(c)]
             model, i = (chosen[0] if chosen else None), i + 2
             continue
         model, i = (candidates[0] if candidates else None), i + 1
     return model, shown
+
+
+def _tags(model: type[BaseModel]) -> set:
+    """The discriminator values a union member answers to (its `type` or `stage`)."""
+    return {model.model_fields[k].default for k in ("type", "stage") if k in model.model_fields}
 
 
 def _models_in(annotation) -> list[type[BaseModel]]:

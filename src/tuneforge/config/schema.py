@@ -108,8 +108,11 @@ class DataConfig(Strict):
         return v
 
 
+ADAPTER_DOC = "How weights are trained: lora (adapters), freeze (some layers) or full."
+
+
 class LoraAdapter(Strict):
-    type: Literal["lora"] = "lora"
+    type: Literal["lora"] = Field("lora", description=ADAPTER_DOC)
     rank: int = Field(8, ge=1, description="LoRA rank r.")
     alpha: float = Field(16, gt=0, description="LoRA scaling alpha (the update is scaled by alpha / rank).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
@@ -128,7 +131,7 @@ class LoraAdapter(Strict):
 
 
 class FreezeAdapter(Strict):
-    type: Literal["freeze"] = "freeze"
+    type: Literal["freeze"] = Field("freeze", description=ADAPTER_DOC)
     trainable_layers: int = Field(
         2, description="Train the last N decoder layers (a negative number: the first N); the rest are frozen."
     )
@@ -151,24 +154,75 @@ class FreezeAdapter(Strict):
 
 
 class FullAdapter(Strict):
-    type: Literal["full"] = "full"
+    type: Literal["full"] = Field("full", description=ADAPTER_DOC)
 
 
 Adapter = Annotated[Union[LoraAdapter, FreezeAdapter, FullAdapter], Field(discriminator="type")]
 
 
-class MethodConfig(Strict):
-    stage: Literal["sft", "pt"] = Field(
-        "sft", description="sft: supervised fine-tuning on conversations; pt: continued pre-training on text."
-    )
-    adapter: Adapter = Field(
-        default_factory=LoraAdapter, description="How weights are trained: lora, freeze (some layers) or full."
-    )
+STAGE_DOC = ("sft: supervised fine-tuning on conversations; pt: continued pre-training on text; rm: reward model "
+             "on preference pairs; dpo: preference optimisation (DPO, IPO, hinge, ORPO, SimPO); kto: single answers "
+             "marked desirable or not; ppo: reinforcement learning against a reward model.")
+
+
+class _Method(Strict):
+    adapter: Adapter = Field(default_factory=LoraAdapter)
 
     @field_validator("adapter", mode="before")
     @classmethod
     def _lora_by_default(cls, v):
         return {"type": "lora", **v} if isinstance(v, dict) and "type" not in v else v
+
+
+class SftMethod(_Method):
+    stage: Literal["sft"] = Field("sft", description=STAGE_DOC)
+
+
+class PtMethod(_Method):
+    stage: Literal["pt"] = Field("pt", description=STAGE_DOC)
+
+
+class RmMethod(_Method):
+    stage: Literal["rm"] = Field("rm", description=STAGE_DOC)
+
+
+class DpoMethod(_Method):
+    stage: Literal["dpo"] = Field("dpo", description=STAGE_DOC)
+    pref_loss: Literal["sigmoid", "hinge", "ipo", "orpo", "simpo"] = Field(
+        "sigmoid", description="sigmoid (DPO), hinge, ipo; orpo and simpo need no reference model."
+    )
+    beta: float = Field(0.1, gt=0, description="Strength of the preference term (DPO's beta).")
+    pref_ftx: float = Field(0.0, ge=0, description="Weight of an extra SFT loss on the chosen answers.")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Share of preference labels assumed flipped (DPO).")
+
+
+class KtoMethod(_Method):
+    stage: Literal["kto"] = Field("kto", description=STAGE_DOC)
+    beta: float = Field(0.1, gt=0, description="Strength of the KTO term.")
+    desirable_weight: float = Field(1.0, gt=0, description="Loss weight of desirable answers.")
+    undesirable_weight: float = Field(1.0, gt=0, description="Loss weight of undesirable answers.")
+    pref_ftx: float = Field(0.0, ge=0, description="Weight of an extra SFT loss on the desirable answers.")
+
+
+class PpoMethod(_Method):
+    stage: Literal["ppo"] = Field("ppo", description=STAGE_DOC)
+    reward_model: str = Field(description="Run directory of a reward model trained with stage rm.")
+    kl_coef: float = Field(0.05, ge=0, description="Penalty per unit of KL divergence from the starting model.")
+    ppo_epochs: int = Field(2, ge=1, description="Optimisation passes over each batch of rollouts.")
+    max_new_tokens: int = Field(32, ge=1, description="Longest generated answer in a rollout.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of rollouts.")
+    clip_range: float = Field(0.2, gt=0, description="PPO ratio clipping.")
+    value_clip: float = Field(0.2, gt=0, description="Clipping of value updates.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, gt=0, le=1, description="Discount over answer tokens.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+
+
+MethodConfig = Annotated[Union[SftMethod, PtMethod, RmMethod, DpoMethod, KtoMethod, PpoMethod],
+                         Field(discriminator="stage")]
+PREFERENCE_STAGES = ("rm", "dpo")
 
 
 class TrainConfig(Strict):
@@ -242,13 +296,18 @@ class EvalConfig(Strict):
 class TuneForgeConfig(Strict):
     model: ModelConfig
     data: DataConfig
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodConfig = Field(default_factory=SftMethod, description="What is learned, and how.")
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _sft_by_default(cls, v):
+        return {"stage": "sft", **v} if isinstance(v, dict) and "stage" not in v else v
+
     @model_validator(mode="after")
     def _combinations(self) -> "TuneForgeConfig":
-        if self.method.stage == "pt" and (self.data.train_on_prompt or self.data.mask_history):
-            raise ValueError("data.train_on_prompt and data.mask_history apply to sft only; remove them for pt")
+        if self.method.stage != "sft" and (self.data.train_on_prompt or self.data.mask_history):
+            raise ValueError("data.train_on_prompt and data.mask_history apply to sft only; remove them")
         return self

@@ -1,4 +1,4 @@
-"""Batches: right-pad token ids with the pad token and labels with -100."""
+"""Batches: right-pad token ids with the pad token and labels with -100; preference rows in one batch."""
 
 from __future__ import annotations
 
@@ -27,3 +27,33 @@ class PadCollator:
             labels[i, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
             attention_mask[i, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _stack(ids: list, labels: list, pad_token_id: int) -> dict[str, torch.Tensor]:
+    return PadCollator(pad_token_id)([{"input_ids": i, "labels": y} for i, y in zip(ids, labels)])
+
+
+@dataclass
+class PairCollator:
+    """Rows 0..B-1 are the chosen answers, rows B..2B-1 the rejected ones, padded to one width."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
+        labels = [f["chosen_labels"] for f in features] + [f["rejected_labels"] for f in features]
+        return _stack(ids, labels, self.pad_token_id)
+
+
+@dataclass
+class KTOCollator:
+    """Rows 0..B-1 are the answers, rows B..2B-1 the mismatched ones for the KL estimate."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [f["ids"] for f in features] + [f["kl_ids"] for f in features]
+        labels = [f["labels"] for f in features] + [f["kl_labels"] for f in features]
+        batch = _stack(ids, labels, self.pad_token_id)
+        batch["desirable"] = torch.tensor([bool(f["desirable"][0]) for f in features])
+        return batch

@@ -13,47 +13,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 
 from tuneforge.config.schema import DataConfig
 from tuneforge.data.convert import Conversion, convert_rows
-from tuneforge.data.encode import Overlong, encode_pretrain, encode_sft
 from tuneforge.data.readers import read_rows
 from tuneforge.data.registry import DatasetSpec, resolve_dataset
+from tuneforge.data.stages import STAGE_TOKENIZERS
 from tuneforge.data.template import ChatTemplate
+from tuneforge.data.tokenized import TokenizedData, load_npz, save_npz
 from tuneforge.errors import DataError
 
-ENCODING_VERSION = 1  # bump when encode.py changes what it produces, to invalidate caches
+ENCODING_VERSION = 2  # bump when encode.py changes what it produces, to invalidate caches
 MAX_LISTED_BAD_ROWS = 20
-
-
-@dataclass
-class TokenizedData:
-    """Sequences of token ids with their labels (-100 = no loss); a map-style dataset for the Trainer."""
-
-    input_ids: list[np.ndarray]
-    labels: list[np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
-
-    def subset(self, indices) -> "TokenizedData":
-        return TokenizedData([self.input_ids[i] for i in indices], [self.labels[i] for i in indices])
-
-    def __add__(self, other: "TokenizedData") -> "TokenizedData":
-        return TokenizedData(self.input_ids + other.input_ids, self.labels + other.labels)
-
-    def stats(self) -> dict:
-        if not self.input_ids:
-            return {"sequences": 0}
-        lengths = np.array([len(x) for x in self.input_ids])
-        supervised = int(sum(int((y != -100).sum()) for y in self.labels))
-        return {"sequences": len(lengths), "tokens": int(lengths.sum()), "supervised_tokens": supervised,
-                "min": int(lengths.min()), "median": int(np.median(lengths)),
-                "p90": int(np.percentile(lengths, 90)), "max": int(lengths.max())}
 
 
 @dataclass
@@ -123,10 +94,16 @@ def _load_converted(name: str, cfg: DataConfig, stage: str, seed: int, hub: str)
 
 
 def _check_stage(spec: DatasetSpec, stage: str) -> None:
-    if spec.ranking and stage in ("sft", "pt"):
+    if spec.ranking and stage in ("sft", "pt", "kto"):
         raise DataError(f"data set {spec.name!r} holds preference pairs (ranking: true); stage {stage!r} "
                         "needs conversations with one answer. hint: use it with a preference stage (rm, dpo)")
-    if stage == "sft" and spec.is_text_only:
+    if stage in ("rm", "dpo") and not spec.ranking:
+        raise DataError(f"stage {stage!r} needs preference pairs, and data set {spec.name!r} has none. hint: register "
+                        "it with \"ranking\": true and columns chosen/rejected (see dpo_en_demo in LLaMA-Factory's data)")
+    if stage == "kto" and not spec.columns.kto_tag:
+        raise DataError(f"stage 'kto' needs a desirable/undesirable flag per row, and data set {spec.name!r} has none. "
+                        "hint: map columns.kto_tag in dataset_info.json (see kto_en_demo)")
+    if stage in ("sft", "rm", "dpo", "kto", "ppo") and spec.is_text_only:
         raise DataError(f"data set {spec.name!r} is plain text (columns.prompt: text) with no answers. "
                         "hint: use method.stage: pt for continued pre-training on it")
 
@@ -159,11 +136,11 @@ def _tokenize_cached(conversion: Conversion, stage: str, tokenizer, template: Ch
     key = _cache_key(conversion, stage, tokenizer, template, cfg)
     path = Path(cache_dir) / "tokenized" / f"{key}.npz"
     if path.is_file() and not cfg.overwrite_cache:
-        data, meta = _load_npz(path)
+        data, meta = load_npz(path)
         report.from_cache = True
     else:
         data, meta = _tokenize(conversion, stage, tokenizer, template, cfg)
-        _save_npz(path, data, meta)
+        save_npz(path, data, meta)
     report.dropped.update(meta["dropped"])
     report.truncated = meta["truncated"]
     report.rows_used = meta["rows_used"]
@@ -171,27 +148,9 @@ def _tokenize_cached(conversion: Conversion, stage: str, tokenizer, template: Ch
 
 
 def _tokenize(conversion: Conversion, stage: str, tokenizer, template: ChatTemplate, cfg: DataConfig):
-    if stage == "pt":
-        blocks, _ = encode_pretrain([e.text for e in conversion.examples], tokenizer, cfg.cutoff_len)
-        seqs = [np.asarray(b, dtype=np.int32) for b in blocks]
-        meta = {"dropped": {}, "truncated": 0, "rows_used": len(conversion.examples)}
-        return TokenizedData(seqs, list(seqs)), meta
-    ids, labels, dropped, truncated = [], [], Counter(), 0
-    for example in conversion.examples:
-        try:
-            enc = encode_sft(example, tokenizer, template, cfg.cutoff_len, train_on_prompt=cfg.train_on_prompt,
-                             mask_history=cfg.mask_history, overlong=cfg.overlong)
-        except Overlong as why:
-            dropped[f"{why} (cutoff_len={cfg.cutoff_len}; raise it or set data.overlong)"] += 1
-            continue
-        if all(y == -100 for y in enc.labels):
-            dropped["no answer tokens left to learn from"] += 1
-            continue
-        truncated += enc.truncated
-        ids.append(np.asarray(enc.input_ids, dtype=np.int32))
-        labels.append(np.asarray(enc.labels, dtype=np.int32))
-    meta = {"dropped": dict(dropped), "truncated": truncated, "rows_used": len(ids)}
-    return TokenizedData(ids, labels), meta
+    data, dropped, truncated = STAGE_TOKENIZERS[stage](conversion.examples, tokenizer, template, cfg)
+    rows_used = len(conversion.examples) - sum(dropped.values())
+    return data, {"dropped": dict(dropped), "truncated": truncated, "rows_used": rows_used}
 
 
 def _cache_key(conversion: Conversion, stage, tokenizer, template: ChatTemplate, cfg: DataConfig) -> str:
@@ -217,26 +176,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return fingerprint
 
 
-def _save_npz(path: Path, data: TokenizedData, meta: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lengths = np.array([len(x) for x in data.input_ids], dtype=np.int64)
-    flat = lambda seqs: np.concatenate(seqs) if seqs else np.zeros(0, np.int32)  # noqa: E731
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, ids=flat(data.input_ids), labels=flat(data.labels), lengths=lengths,
-             meta=np.array(json.dumps(meta)))
-    tmp.replace(path)  # atomic: an interrupted run never leaves a half-written cache entry
-
-
-def _load_npz(path: Path) -> tuple[TokenizedData, dict]:
-    with np.load(path) as z:
-        bounds = np.cumsum(np.concatenate([[0], z["lengths"]]))
-        ids = [z["ids"][a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        labels = [z["labels"][a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        return TokenizedData(ids, labels), json.loads(str(z["meta"]))
-
-
 def _concat(parts: list[TokenizedData]) -> TokenizedData:
-    out = TokenizedData([], [])
+    out = TokenizedData({})
     for p in parts:
         out = out + p
     return out

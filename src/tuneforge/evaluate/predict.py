@@ -76,6 +76,30 @@ def predict(engine: Engine, prompts: list[list[dict]], references: list[str], mo
     return Prediction(rows, metrics)
 
 
+def predict_rewards(reward, examples: list[Example], batch_size: int = 8) -> Prediction:
+    """A reward model's scores: for preference pairs, both answers and the pairwise accuracy; for other data,
+    the reward of each row's answer."""
+    start = time.perf_counter()
+    pairs = [e for e in examples if e.chosen is not None and e.rejected is not None]
+    if pairs:
+        prompt = lambda e: e.messages if e.messages[-1]["role"] != "assistant" else e.messages[:-1]  # noqa: E731
+        chosen = reward.score([prompt(e) + [{"role": "assistant", "content": e.chosen}] for e in pairs], batch_size)
+        rejected = reward.score([prompt(e) + [{"role": "assistant", "content": e.rejected}] for e in pairs], batch_size)
+        rows = [{"prompt": prompt(e)[-1]["content"], "chosen_reward": c, "rejected_reward": r}
+                for e, c, r in zip(pairs, chosen, rejected)]
+        metrics = {"mode": "reward", "pairwise_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(pairs),
+                   "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(pairs)}
+    else:
+        answered = [e for e in examples if e.messages and e.messages[-1]["role"] == "assistant"]
+        scores = reward.score([e.messages for e in answered], batch_size)
+        rows = [{"prompt": e.messages[-2]["content"], "answer": e.messages[-1]["content"], "reward": s}
+                for e, s in zip(answered, scores)]
+        metrics = {"mode": "reward", "mean_reward": sum(scores) / max(len(scores), 1)}
+    seconds = time.perf_counter() - start
+    metrics.update(samples=len(rows), seconds=round(seconds, 2), samples_per_second=round(len(rows) / max(seconds, 1e-9), 3))
+    return Prediction(rows, metrics)
+
+
 def save_prediction(result: Prediction, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:
@@ -86,6 +110,11 @@ def save_prediction(result: Prediction, out_dir: Path) -> Path:
 
 
 def summary(metrics: dict) -> str:
+    if metrics["mode"] == "reward":
+        if "pairwise_accuracy" in metrics:
+            return (f"pairwise accuracy {metrics['pairwise_accuracy']:.4f}, mean margin {metrics['mean_margin']:.4f} "
+                    f"({metrics['samples']} pairs, reward model)")
+        return f"mean reward {metrics['mean_reward']:.4f} ({metrics['samples']} rows, reward model)"
     if metrics["mode"] == "score":
         return (f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
                 f"({metrics['samples']} rows, {metrics['samples_per_second']} rows/s, label scoring)")

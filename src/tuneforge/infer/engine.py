@@ -74,6 +74,9 @@ class Engine:
     def from_run(cls, run_dir: str | Path) -> "Engine":
         run = open_run(run_dir)
         cfg, meta = run.config(), run.meta()
+        if meta.get("stage") == "rm":
+            raise ModelError(f"{run.path} is a reward model: it scores answers instead of writing them. "
+                             f"hint: tuneforge predict {run.path} --data DATA")
         weights = run.weights
         if not weights.is_dir():
             raise ModelError(f"{run.path}: no adapter/ or model/ folder; the run has not saved weights yet")

@@ -32,18 +32,22 @@ def count_params(model: nn.Module) -> ParamCount:
     return ParamCount(trainable, total)
 
 
-def apply_adapter(model: nn.Module, adapter: LoraAdapter | FreezeAdapter | FullAdapter) -> nn.Module:
-    """Set requires_grad (and wrap with PEFT for LoRA); returns the model to train."""
+def apply_adapter(model: nn.Module, adapter: LoraAdapter | FreezeAdapter | FullAdapter,
+                  head: str | None = None) -> nn.Module:
+    """Set requires_grad (and wrap with PEFT for LoRA); returns the model to train. `head` names a new output
+    layer (a reward model's `score`) that always trains in full."""
     if isinstance(adapter, LoraAdapter):
-        return _apply_lora(model, adapter)
+        return _apply_lora(model, adapter, head)
     if isinstance(adapter, FreezeAdapter):
         _apply_freeze(model, adapter)
+        if head:
+            getattr(model, head).requires_grad_(True)
         return model
     model.requires_grad_(True)
     return model
 
 
-def _apply_lora(model: nn.Module, adapter: LoraAdapter) -> nn.Module:
+def _apply_lora(model: nn.Module, adapter: LoraAdapter, head: str | None = None) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if adapter.target_modules == "all" else adapter.target_modules
@@ -61,10 +65,14 @@ def _apply_lora(model: nn.Module, adapter: LoraAdapter) -> nn.Module:
         layers = list(range(len(stack) - adapter.last_layers, len(stack)))
         if targets == "all-linear":  # PEFT takes a layer range only with explicit module names
             targets = sorted({n.rsplit(".", 1)[-1] for n, m in stack.named_modules() if isinstance(m, nn.Linear)})
+    to_save = list(adapter.modules_to_save) + ([head] if head else [])
+    if targets == "all-linear" and head:  # the head is trained in full, not adapted
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, nn.Linear) and n.split(".")[0] not in (head, "lm_head")})
     config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
-                        target_modules=targets, modules_to_save=adapter.modules_to_save or None,
+                        target_modules=targets, modules_to_save=to_save or None,
                         layers_to_transform=layers, layers_pattern=prefix.rsplit(".", 1)[-1] if layers else None,
-                        task_type="CAUSAL_LM")
+                        task_type="SEQ_CLS" if head else "CAUSAL_LM")
     return get_peft_model(model, config)
 
 

@@ -147,11 +147,16 @@ def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(source: ModelSource | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
+def load_model(source: ModelSource | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               reward: bool = False):
+    """A causal LM, or with `reward` the same body with a one-output `score` head (reward models)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = source.path if isinstance(source, ModelSource) else source
     try:
+        if reward:
+            return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                      trust_remote_code=trust_remote_code)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):

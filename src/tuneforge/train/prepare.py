@@ -48,20 +48,37 @@ def prepare(cfg: TuneForgeConfig) -> Prepared:
 
 
 def build_model(cfg: TuneForgeConfig, source: ModelSource):
-    """Load the weights and make the configured ones trainable."""
+    """Load the weights and make the configured ones trainable (reward models get a new `score` head)."""
     dtype = resolve_dtype(cfg.model.dtype)
-    model = load_model(source, dtype, cfg.model.trust_remote_code)
-    model = apply_adapter(model, cfg.method.adapter)
+    reward = cfg.method.stage == "rm"
+    model = load_model(source, dtype, cfg.model.trust_remote_code, reward=reward)
+    if reward and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    model = apply_adapter(model, cfg.method.adapter, head="score" if reward else None)
     if dtype != torch.float32:
         upcast_trainable(model)
     return model
 
 
+def build_reference(cfg: TuneForgeConfig, source: ModelSource):
+    """The frozen reference of dpo/kto/ppo. None when the policy is LoRA (its adapter is switched off instead)
+    or the loss needs none (ORPO, SimPO)."""
+    m = cfg.method
+    if m.stage not in ("dpo", "kto", "ppo") or m.adapter.type == "lora" or getattr(m, "pref_loss", "") in ("orpo", "simpo"):
+        return None
+    ref = load_model(source, resolve_dtype(cfg.model.dtype), cfg.model.trust_remote_code)
+    return ref.requires_grad_(False).eval()
+
+
 def count_trainable(cfg: TuneForgeConfig, source: ModelSource) -> ParamCount:
     """Trainable/total parameters without loading weights (the model is built on the meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(source.path, trust_remote_code=cfg.model.trust_remote_code)
+    reward = cfg.method.stage == "rm"
+    if reward:
+        config.num_labels = 1
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    return count_params(apply_adapter(model, cfg.method.adapter))
+        model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    return count_params(apply_adapter(model, cfg.method.adapter, head="score" if reward else None))

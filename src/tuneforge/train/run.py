@@ -10,10 +10,11 @@ import torch
 from transformers import TrainingArguments
 
 from tuneforge.config import TuneForgeConfig, load_config
-from tuneforge.data.collate import PadCollator
+from tuneforge.data.collate import KTOCollator, PadCollator, PairCollator
 from tuneforge.model.adapters import ParamCount, count_params
 from tuneforge.train.callbacks import GracefulStop, MetricsCallback
-from tuneforge.train.prepare import Prepared, build_model, count_trainable, prepare
+from tuneforge.train.preference_trainer import DPOTrainer, KTOTrainer, RewardTrainer
+from tuneforge.train.prepare import Prepared, build_model, build_reference, count_trainable, prepare
 from tuneforge.train.report import format_data_report
 from tuneforge.rundir import RunDir, prepare_run_dir
 from tuneforge.train.trainer import TuneForgeTrainer
@@ -34,11 +35,14 @@ def train(config, overrides: list[str] = ()) -> RunResult:
     run, checkpoint = prepare_run_dir(cfg)
     model = build_model(cfg, prepared.source)
     print(f"tuneforge: {count_params(model)}", flush=True)
-    trainer, stop = build_trainer(cfg, model, prepared, run)
     run.update_meta(base_model=prepared.source.path, base_model_name=cfg.model.name_or_path,
                     template=prepared.template.name, stop=list(prepared.template.stop), stage=cfg.method.stage,
-                    default_system=cfg.data.default_system,
-                    adapter=cfg.method.adapter.type)
+                    default_system=cfg.data.default_system, adapter=cfg.method.adapter.type)
+    if cfg.method.stage == "ppo":
+        from tuneforge.train.ppo import run_ppo
+
+        return run_ppo(cfg, model, prepared, run, build_reference(cfg, prepared.source))
+    trainer, stop = build_trainer(cfg, model, prepared, run, build_reference(cfg, prepared.source))
     try:
         output = trainer.train(resume_from_checkpoint=checkpoint)
     except BaseException:
@@ -76,8 +80,13 @@ def check(config, overrides: list[str] = ()) -> CheckResult:
     return CheckResult(prepared, params, report)
 
 
-def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir):
-    t, has_eval = cfg.train, prepared.data.eval is not None
+TRAINERS = {"sft": TuneForgeTrainer, "pt": TuneForgeTrainer, "rm": RewardTrainer, "dpo": DPOTrainer,
+            "kto": KTOTrainer}
+COLLATORS = {"sft": PadCollator, "pt": PadCollator, "rm": PairCollator, "dpo": PairCollator, "kto": KTOCollator}
+
+
+def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir, ref_model=None):
+    t, has_eval, stage = cfg.train, prepared.data.eval is not None, cfg.method.stage
     on_gpu = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(run.checkpoints),
@@ -103,7 +112,7 @@ def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir):
         eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
         report_to=[r for r in t.report_to if r != "none"] or "none",
         dataloader_num_workers=t.dataloader_num_workers,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if t.group_by_length and stage in ("sft", "pt") else "random",
         activation_checkpointing=t.gradient_checkpointing,
         bf16=on_gpu and cfg.model.dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported(),
         fp16=on_gpu and (cfg.model.dtype == "float16" or (cfg.model.dtype == "auto" and not torch.cuda.is_bf16_supported())),
@@ -113,16 +122,22 @@ def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir):
         run_name=run.path.name,
     )
     stop = GracefulStop()
-    pad_id = prepared.tokenizer.pad_token_id
-    trainer = TuneForgeTrainer(
+    pad_id = prepared.tokenizer.pad_token_id if prepared.tokenizer.pad_token_id is not None else 0
+    collator = PadCollator(pad_id, pad_to_multiple_of=8 if on_gpu else None) if stage in ("sft", "pt") \
+        else COLLATORS[stage](pad_id)
+    extra = {} if stage in ("sft", "pt") else {"method": cfg.method, "ref_model": ref_model}
+    trainer = TRAINERS[stage](
         model=model,
         args=args,
         train_dataset=prepared.data.train,
         eval_dataset=prepared.data.eval,
-        data_collator=PadCollator(pad_id if pad_id is not None else 0, pad_to_multiple_of=8 if on_gpu else None),
+        data_collator=collator,
         processing_class=prepared.tokenizer,
         callbacks=[MetricsCallback(run.path, plot=cfg.output.plot_loss), stop],
+        **extra,
     )
+    if ref_model is not None:
+        ref_model.to(trainer.args.device)
     return trainer, stop
 
 
@@ -133,7 +148,7 @@ def save_weights(trainer: TuneForgeTrainer, prepared: Prepared, run: RunDir, cfg
     stop_ids = [i for i in (prepared.tokenizer.convert_tokens_to_ids(s) for s in prepared.template.stop)
                 if isinstance(i, int) and i != prepared.tokenizer.unk_token_id]
     gen = trainer.model.generation_config if hasattr(trainer.model, "generation_config") else None
-    if gen is not None and stop_ids and cfg.method.adapter.type != "lora":
+    if gen is not None and stop_ids and cfg.method.adapter.type != "lora" and cfg.method.stage != "rm":
         gen.eos_token_id = stop_ids
         gen.save_pretrained(target)
     return target

@@ -23,18 +23,26 @@ def test_unknown_key_suggests_the_close_one():
 
 def test_every_problem_is_reported_at_once():
     raw = {"model": {"name_or_path": "m", "templat": "x"}, "data": {"dataset": "a", "cutoff_len": 2},
-           "method": {"stage": "dpo"}, "bogus": 1}
+           "method": {"stage": "rlhf"}, "bogus": 1}
     found = problems(raw)
     assert len(found) == 4
     assert "config: model.templat: unknown key; did you mean 'template'?" in found
     assert "config: data.cutoff_len: Input should be greater than or equal to 8 (given 2)" in found
-    assert "config: method.stage: Input should be 'sft' or 'pt' (given 'dpo')" in found
+    assert "config: method.stage: 'rlhf' is not one of sft | pt | rm | dpo | kto | ppo" in found
     assert any(p.startswith("config: bogus: unknown key; expected one of model, data") for p in found)
 
 
 def test_adapter_errors_name_the_yaml_path_not_the_union_tag():
     found = problems({**BASE, "method": {"adapter": {"type": "lora", "rnk": 4}}})
     assert found == ["config: method.adapter.rnk: unknown key; did you mean 'rank'?"]
+
+
+def test_stage_options_belong_to_their_stage():
+    assert problems({**BASE, "method": {"stage": "sft", "beta": 0.1}})[0].startswith(
+        "config: method.beta: unknown key; expected one of")
+    cfg = load_config({**BASE, "method": {"stage": "dpo", "beta": 0.2, "pref_loss": "simpo"}})
+    assert cfg.method.beta == 0.2 and cfg.method.adapter.type == "lora"
+    assert problems({**BASE, "method": {"stage": "ppo"}}) == ["config: method.reward_model: required key is missing"]
 
 
 def test_missing_section_is_reported():
@@ -49,6 +57,15 @@ def test_overrides_parse_yaml_scalars_and_create_sections():
     assert cfg.data.dataset == ["a", "b"]
     assert cfg.method.adapter.type == "freeze" and cfg.method.adapter.trainable_layers == -3
     assert cfg.train.report_to == ["tensorboard"]
+
+
+def test_switching_variant_on_the_command_line_drops_the_old_variants_keys(capsys):
+    base = {**BASE, "method": {"stage": "dpo", "beta": 0.2, "adapter": {"type": "lora", "rank": 4, "alpha": 8}}}
+    cfg = load_config(base, ["method.adapter.type=full", "method.stage=sft"])
+    assert cfg.method.stage == "sft" and cfg.method.adapter.type == "full"
+    err = capsys.readouterr().err
+    assert "method.adapter.type=full: dropped rank, alpha" in err and "method.stage=sft: dropped beta" in err
+    assert load_config(base, ["method.adapter.rank=16"]).method.adapter.rank == 16  # no switch, nothing dropped
 
 
 def test_malformed_override():

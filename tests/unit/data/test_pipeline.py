@@ -86,6 +86,32 @@ def test_pretraining_blocks(tokenizer, tmp_path):
     assert all((x == y).all() for x, y in zip(bundle.train.input_ids, bundle.train.labels))
 
 
+def test_preference_stages_get_their_columns(tokenizer, tmp_path):
+    from tests.conftest import LLAMAFACTORY_DATA
+
+    cfg = data_cfg(dataset="dpo_en_demo", dataset_dir=str(LLAMAFACTORY_DATA), max_samples=20, cutoff_len=256)
+    pairs = load(tokenizer, cfg, tmp_path, stage="dpo").train
+    assert set(pairs.columns) == {"chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"}
+    assert len(pairs) + sum(sum(r.dropped.values()) for r in load(tokenizer, cfg, tmp_path, "dpo").reports) == 20
+    kto = load(tokenizer, data_cfg(dataset="kto_en_demo", dataset_dir=str(LLAMAFACTORY_DATA), max_samples=20,
+                                   cutoff_len=512), tmp_path, stage="kto").train
+    assert set(kto.columns) == {"ids", "labels", "kl_ids", "kl_labels", "desirable"}
+    assert {int(d[0]) for d in kto.columns["desirable"]} == {0, 1}
+    prompts = load(tokenizer, data_cfg(max_samples=5), tmp_path, stage="ppo").train
+    assert tokenizer.decode(prompts.columns["prompt_ids"][0]).endswith("<|im_start|>assistant\n")
+
+
+def test_stages_refuse_data_of_the_wrong_kind(tokenizer, tmp_path):
+    from tests.conftest import LLAMAFACTORY_DATA
+
+    with pytest.raises(DataError, match="stage 'dpo' needs preference pairs, and data set 'identity' has none"):
+        load(tokenizer, data_cfg(), tmp_path, stage="dpo")
+    with pytest.raises(DataError, match="stage 'kto' needs a desirable/undesirable flag"):
+        load(tokenizer, data_cfg(), tmp_path, stage="kto")
+    with pytest.raises(DataError, match="holds preference pairs .* stage 'sft'"):
+        load(tokenizer, data_cfg(dataset="dpo_en_demo", dataset_dir=str(LLAMAFACTORY_DATA)), tmp_path)
+
+
 def test_collator_pads_right_with_ignored_labels():
     batch = PadCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]},
                                          {"input_ids": [8], "labels": [8]}])

@@ -1,0 +1,56 @@
+"""PPO pieces as pure functions: per-token rewards with a KL penalty, GAE, clipped policy and value losses.
+
+Shapes: (B, T) over response tokens, with `mask` (B, T) marking real (non-padding) response tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                  kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """r_t = -kl_coef (log pi - log ref) at every token, plus the reward model's score at the last token.
+    Returns rewards (B, T) and the per-sequence KL sum (B,)."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = mask.sum(1).long() - 1  # (B,)
+    rewards[torch.arange(rewards.shape[0]), last] += scores
+    return rewards * mask, kl.sum(1)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation backwards over time; returns advantages and returns (B, T)."""
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    next_value = torch.zeros_like(running)
+    for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * m
+        advantages[:, t] = running
+        next_value = values[:, t] * m
+    return advantages, advantages + values
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = (x * mask).sum() / mask.sum()
+    var = (((x - mean) * mask) ** 2).sum() / mask.sum()
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, clip: float) -> torch.Tensor:
+    """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1 - c, 1 + c)), r = pi / pi_old."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    return (loss * mask).sum() / mask.sum()
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   clip: float) -> torch.Tensor:
+    """Clipped value loss: 0.5 mean of max((v - R)^2, (v_clipped - R)^2)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    loss = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * (loss * mask).sum() / mask.sum()

@@ -1,0 +1,134 @@
+"""Trainers for the preference stages: reward modelling (rm), DPO and its variants (dpo), KTO (kto).
+
+Each computes its loss with the pure functions in `preference.py`. With LoRA the reference model is the
+policy with its adapter switched off (no second copy in memory); otherwise a frozen copy is passed in.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from tuneforge.model.heads import last_token_rewards
+from tuneforge.train.losses import next_token_mask, next_token_targets
+from tuneforge.train.preference import dpo_loss, kto_loss, orpo_loss, pairwise_reward_loss, simpo_loss
+from tuneforge.train.trainer import TuneForgeTrainer
+
+
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each row's supervised tokens, (N,), and their counts, (N,)."""
+    labels = batch["labels"]
+    keep = next_token_mask(labels)  # (N, T)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                   use_cache=False).logits  # (K, V): kept positions in row-major order
+    targets = next_token_targets(labels, keep)  # (K,)
+    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    rows = keep.nonzero(as_tuple=True)[0]
+    n = labels.shape[0]
+    sums = torch.zeros(n, device=token_logps.device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
+    return sums, torch.bincount(rows, minlength=n).to(sums.dtype)
+
+
+class _StatsTrainer(TuneForgeTrainer):
+    """Keeps running means of stage statistics (rewards, margins) and adds them to each train/eval log."""
+
+    loss_is_scaled_for_ga = False  # losses are per-batch means; the Trainer divides by accumulation steps
+
+    def __init__(self, *args, method=None, ref_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False
+        self.method, self.ref_model = method, ref_model
+        self._stats = {True: defaultdict(list), False: defaultdict(list)}  # by model.training
+
+    def _record(self, training: bool, **values: torch.Tensor) -> None:
+        for key, value in values.items():
+            self._stats[training][key].append(float(value.detach().float().mean()))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        training = "loss" in logs
+        if training or "eval_loss" in logs:
+            prefix = "" if training else "eval_"
+            for key, values in self._stats[training].items():
+                if values:
+                    logs[prefix + key] = round(sum(values) / len(values), 4)
+            self._stats[training].clear()
+        super().log(logs, start_time)
+
+    @torch.no_grad()
+    def reference_logps(self, model, batch: dict) -> torch.Tensor:
+        if self.ref_model is not None:
+            return sequence_logps(self.ref_model, batch)[0]
+        with self.accelerator.unwrap_model(model).disable_adapter():
+            return sequence_logps(model, batch)[0]
+
+    def _count_tokens(self, model, inputs) -> None:
+        if model.training:
+            self._tokens += int(inputs["attention_mask"].sum())
+            self._supervised += int((inputs["labels"] != -100).sum())
+
+
+class DPOTrainer(_StatsTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        m = self.method
+        self._count_tokens(model, inputs)
+        logps, counts = sequence_logps(model, inputs)
+        half = logps.shape[0] // 2
+        avg = logps / counts.clamp(min=1)
+        chosen, rejected, chosen_avg, rejected_avg = logps[:half], logps[half:], avg[:half], avg[half:]
+        if m.pref_loss in ("sigmoid", "hinge", "ipo"):
+            ref = self.reference_logps(model, inputs)
+            if m.pref_loss == "ipo":  # IPO's margin is per token
+                ref = ref / counts.clamp(min=1)
+                chosen, rejected = chosen_avg, rejected_avg
+            losses = dpo_loss(chosen, rejected, ref[:half], ref[half:], m.beta, m.pref_loss, m.label_smoothing)
+            chosen_reward, rejected_reward = m.beta * (chosen - ref[:half]), m.beta * (rejected - ref[half:])
+        elif m.pref_loss == "orpo":
+            losses = orpo_loss(chosen_avg, rejected_avg, -chosen_avg, m.beta)
+            chosen_reward, rejected_reward = m.beta * chosen_avg, m.beta * rejected_avg
+        else:
+            losses = simpo_loss(chosen_avg, rejected_avg, m.beta, m.simpo_gamma)
+            chosen_reward, rejected_reward = m.beta * chosen_avg, m.beta * rejected_avg
+        if m.pref_ftx > 0 and m.pref_loss != "orpo":  # ORPO already holds the SFT term
+            losses = losses + m.pref_ftx * -chosen_avg
+        self._record(model.training, **{"rewards/chosen": chosen_reward, "rewards/rejected": rejected_reward,
+                                        "rewards/margin": chosen_reward - rejected_reward,
+                                        "rewards/accuracy": (chosen_reward > rejected_reward).float()})
+        loss = losses.mean()
+        return (loss, {}) if return_outputs else loss
+
+
+class KTOTrainer(_StatsTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        m = self.method
+        desirable = inputs.pop("desirable")
+        self._count_tokens(model, inputs)
+        logps, counts = sequence_logps(model, inputs)
+        ref = self.reference_logps(model, inputs)
+        half = logps.shape[0] // 2
+        kl = (logps[half:] - ref[half:]).mean().detach()  # mismatched answers: the KL reference point
+        losses = kto_loss(logps[:half], ref[:half], desirable, kl, m.beta, m.desirable_weight, m.undesirable_weight)
+        if m.pref_ftx > 0:
+            nll = -(logps[:half] / counts[:half].clamp(min=1))
+            losses = losses + m.pref_ftx * nll * desirable.float()
+        rewards = m.beta * (logps[:half] - ref[:half])
+        stats = {"kl": kl}
+        if desirable.any():
+            stats["rewards/desirable"] = rewards[desirable]
+        if (~desirable).any():
+            stats["rewards/undesirable"] = rewards[~desirable]
+        self._record(model.training, **stats)
+        loss = losses.mean()
+        return (loss, {}) if return_outputs else loss
+
+
+class RewardTrainer(_StatsTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._count_tokens(model, inputs)
+        rewards = last_token_rewards(model, inputs["input_ids"], inputs["attention_mask"])
+        half = rewards.shape[0] // 2
+        chosen, rejected = rewards[:half], rewards[half:]
+        self._record(model.training, **{"rewards/chosen": chosen, "rewards/rejected": rejected,
+                                        "rewards/accuracy": (chosen > rejected).float()})
+        loss = pairwise_reward_loss(chosen, rejected).mean()
+        return (loss, {}) if return_outputs else loss
