@@ -125,6 +125,13 @@ class LoraAdapter(Strict):
     last_layers: int | None = Field(
         None, ge=1, description="Adapt only the last N decoder layers; backpropagation then stops there (faster)."
     )
+    dora: bool = Field(
+        False, description="DoRA: train a magnitude per output channel besides the low-rank direction (slower steps)."
+    )
+    rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(rank) instead of alpha / rank.")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: the B matrices learn this many times faster than A (16 is typical)."
+    )
 
     _split = field_validator("modules_to_save", mode="before")(_split_names)
     _all_or_split = field_validator("target_modules", mode="before")(_all_or_names)
@@ -253,6 +260,9 @@ class TrainConfig(Strict):
     dataloader_num_workers: int = Field(0, ge=0, description="Worker processes feeding batches.")
     group_by_length: bool = Field(
         True, description="Batch rows of similar length together, so little compute goes to padding."
+    )
+    neftune_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: uniform noise of this scale on the input embeddings while training (try 5)."
     )
 
     _split = field_validator("report_to", mode="before")(_split_names)

@@ -72,6 +72,7 @@ def _apply_lora(model: nn.Module, adapter: LoraAdapter, head: str | None = None)
     config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
                         target_modules=targets, modules_to_save=to_save or None,
                         layers_to_transform=layers, layers_pattern=prefix.rsplit(".", 1)[-1] if layers else None,
+                        use_dora=adapter.dora, use_rslora=adapter.rslora,
                         task_type="SEQ_CLS" if head else "CAUSAL_LM")
     return get_peft_model(model, config)
 
@@ -118,3 +119,16 @@ def upcast_trainable(model: nn.Module) -> None:
     for p in model.parameters():
         if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
+
+
+def loraplus_param_groups(model: nn.Module, lr: float, ratio: float, weight_decay: float) -> list[dict]:
+    """LoRA+ optimizer groups: LoRA's B matrices (and B embeddings) at lr * ratio, all else trainable at lr.
+    Biases and norms get no weight decay, as in the Trainer's own grouping."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        fast = "lora_B" in name or "lora_embedding_B" in name
+        decay = 0.0 if p.ndim < 2 else weight_decay
+        groups.setdefault((lr * ratio if fast else lr, decay), []).append(p)
+    return [{"params": params, "lr": g_lr, "weight_decay": decay} for (g_lr, decay), params in groups.items()]

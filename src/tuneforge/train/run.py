@@ -114,6 +114,7 @@ def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir, 
         dataloader_num_workers=t.dataloader_num_workers,
         train_sampling_strategy="group_by_length" if t.group_by_length and stage in ("sft", "pt") else "random",
         activation_checkpointing=t.gradient_checkpointing,
+        neftune_noise_alpha=t.neftune_alpha,
         bf16=on_gpu and cfg.model.dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported(),
         fp16=on_gpu and (cfg.model.dtype == "float16" or (cfg.model.dtype == "auto" and not torch.cuda.is_bf16_supported())),
         use_cpu=not on_gpu,
@@ -136,6 +137,7 @@ def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir, 
         callbacks=[MetricsCallback(run.path, plot=cfg.output.plot_loss), stop],
         **extra,
     )
+    trainer.loraplus_lr_ratio = getattr(cfg.method.adapter, "loraplus_lr_ratio", None)
     if ref_model is not None:
         ref_model.to(trainer.args.device)
     return trainer, stop

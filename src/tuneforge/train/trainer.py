@@ -13,6 +13,7 @@ from tuneforge.train.losses import causal_lm_loss_sum, next_token_mask, next_tok
 class TuneForgeTrainer(Trainer):
     # compute_loss divides by the token count of the whole accumulated batch (num_items_in_batch).
     loss_is_scaled_for_ga = True
+    loraplus_lr_ratio: float | None = None  # LoRA+: B matrices at this multiple of the learning rate
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -35,6 +36,17 @@ class TuneForgeTrainer(Trainer):
             self._tokens += int(inputs["attention_mask"].sum())
             self._supervised += int(targets.numel())
         return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or not self.loraplus_lr_ratio:
+            return super().create_optimizer(model)
+        from tuneforge.model.adapters import loraplus_param_groups
+
+        model = self.model if model is None else model
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        groups = loraplus_param_groups(model, self.args.learning_rate, self.loraplus_lr_ratio, self.args.weight_decay)
+        self.optimizer = optimizer_cls(groups, **kwargs)
+        return self.optimizer
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add throughput since the previous one

@@ -1,0 +1,117 @@
+"""LoRA variants and training switches on a tiny model: DoRA, rsLoRA, LoRA+, NEFTune.
+
+For each: the right parameters train, one step changes them, and the saved run reloads (and merges) to the
+model that was trained.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import build_tiny_model
+from tuneforge.config import LoraAdapter, load_config
+from tuneforge.errors import ConfigError
+from tuneforge.export.export import export_run
+from tuneforge.infer.engine import Engine
+from tuneforge.model.adapters import apply_adapter, loraplus_param_groups
+from tuneforge.rundir import prepare_run_dir
+from tuneforge.train.prepare import build_model, prepare
+from tuneforge.train.run import build_trainer, train
+
+
+def test_dora_adds_a_trained_magnitude_per_adapted_layer():
+    model = apply_adapter(build_tiny_model(100), LoraAdapter(rank=2, alpha=4, dora=True))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    magnitudes = [n for n in names if "lora_magnitude_vector" in n]
+    assert len(magnitudes) == 7 * 2  # one per adapted linear layer (7 per layer, 2 layers)
+    assert all(".lora_A." in n or ".lora_B." in n or "lora_magnitude_vector" in n for n in names)
+
+
+@pytest.mark.parametrize("rslora, expected", [(False, 8 / 4), (True, 8 / math.sqrt(4))])
+def test_rslora_scales_by_the_square_root_of_the_rank(rslora, expected):
+    model = apply_adapter(build_tiny_model(100), LoraAdapter(rank=4, alpha=8, rslora=rslora))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(expected)
+
+
+def test_loraplus_groups_give_b_matrices_the_higher_rate():
+    model = apply_adapter(build_tiny_model(100), LoraAdapter(rank=2, alpha=4))
+    groups = loraplus_param_groups(model, lr=1e-4, ratio=16, weight_decay=0.1)
+    by_id = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert by_id[id(p)] == pytest.approx(1.6e-3 if "lora_B" in name else 1e-4), name
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_loraplus_is_only_for_lora(tiny_config):
+    tiny_config["method"]["adapter"] = {"type": "full", "loraplus_lr_ratio": 16}
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio"):
+        load_config(tiny_config)
+
+
+def test_one_loraplus_step_moves_b_faster(tiny_config):
+    tiny_config["method"]["adapter"].update(loraplus_lr_ratio=16)
+    tiny_config["train"].update(max_steps=1, learning_rate=1e-3, lr_scheduler="constant", optim="sgd",
+                                max_grad_norm=0)
+    cfg = load_config(tiny_config)
+    prepared = prepare(cfg)
+    run, _ = prepare_run_dir(cfg)
+    model = build_model(cfg, prepared.source)
+    for name, p in model.named_parameters():  # B starts at zero: give it a value so that A gets a gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    trainer, _ = build_trainer(cfg, model, prepared, run)
+    trainer.train()
+    rates = sorted({g["lr"] for g in trainer.optimizer.param_groups})
+    assert rates == pytest.approx([1e-3, 1.6e-2])
+    assert all(p.grad is None or p.requires_grad for p in model.parameters())
+
+
+def test_a_dora_rslora_run_saves_reloads_and_merges_to_what_was_trained(tiny_config, tmp_path):
+    tiny_config["method"]["adapter"].update(dora=True, rslora=True)
+    tiny_config["train"].update(max_steps=2, learning_rate=1e-2)
+    run = train(tiny_config).run_dir
+    settings = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert settings["use_dora"] is True and settings["use_rslora"] is True
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert any("lora_magnitude_vector" in k for k in saved)
+
+    engine = Engine.load(str(run))
+    ids = torch.tensor([engine.prompt_ids([{"role": "user", "content": "Who are you?"}])])
+    merged = AutoModelForCausalLM.from_pretrained(export_run(run, tmp_path / "hf")).eval()
+    with torch.no_grad():
+        adapted = engine.model(input_ids=ids).logits
+        with engine.model.disable_adapter():
+            base = engine.model(input_ids=ids).logits
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
+    assert (adapted - base).abs().max() > 1e-4
+
+
+def test_neftune_adds_noise_to_embeddings_only_while_training(tiny_config):
+    tiny_config["train"].update(neftune_alpha=5.0, max_steps=1)
+    cfg = load_config(tiny_config)
+    prepared = prepare(cfg)
+    run, _ = prepare_run_dir(cfg)
+    model = build_model(cfg, prepared.source)
+    trainer, _ = build_trainer(cfg, model, prepared, run)
+    seen = []
+    embeddings = model.get_input_embeddings()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    clean = embeddings(ids).detach()
+
+    original_loss = trainer.compute_loss
+
+    def spy(model_, inputs, *args, **kwargs):  # called inside the training step, the model in train mode
+        seen.append((embeddings(ids).detach() - clean).abs().max().item())
+        return original_loss(model_, inputs, *args, **kwargs)
+
+    trainer.compute_loss = spy
+    trainer.train()
+    assert seen and seen[0] > 0  # noisy inside training
+    embeddings.train()
+    assert torch.equal(embeddings(ids).detach(), clean)  # clean afterwards, even in train mode: the hook is gone
