@@ -47,6 +47,12 @@ class ModelConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight dtype. auto: float32 on CPU, bfloat16 on GPUs that support it, else float16."
     )
+    quantization_bit: Literal[4, 8] | None = Field(
+        None, description="QLoRA: load the frozen base weights in 4 or 8 bits (bitsandbytes, CUDA GPU); "
+        "LoRA adapters train on top in full precision."
+    )
+    quantization_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit number format: nf4 or fp4.")
+    double_quantization: bool = Field(True, description="4-bit: quantize the quantization constants too.")
     template: str = Field(
         "auto",
         description="Chat template: auto uses the tokenizer's own template (or `empty` if it has none); "
@@ -81,6 +87,10 @@ class DataConfig(Strict):
     placeholders: dict[str, str] = Field(
         default_factory=dict,
         description="Text substituted for {{key}} in every row, e.g. {name: My Bot, author: Me} for `identity`.",
+    )
+    packing: bool = Field(
+        False, description="sft: put the rows of a batch end to end in one sequence with no padding; each row "
+        "attends only to itself and its positions restart (the same loss as unpacked rows, less wasted compute)."
     )
     overlong: Literal["drop", "truncate_answer"] = Field(
         "drop",
@@ -320,4 +330,10 @@ class TuneForgeConfig(Strict):
     def _combinations(self) -> "TuneForgeConfig":
         if self.method.stage != "sft" and (self.data.train_on_prompt or self.data.mask_history):
             raise ValueError("data.train_on_prompt and data.mask_history apply to sft only; remove them")
+        if self.data.packing and self.method.stage != "sft":
+            raise ValueError("data.packing applies to stage sft (pt already joins documents into blocks; the "
+                             "preference stages pair rows); remove it")
+        if self.model.quantization_bit and self.method.adapter.type != "lora":
+            raise ValueError(f"model.quantization_bit: quantized weights cannot be trained with "
+                             f"method.adapter.type {self.method.adapter.type}; use lora (QLoRA) or drop quantization_bit")
         return self

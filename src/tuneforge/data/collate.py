@@ -29,6 +29,26 @@ class PadCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+@dataclass
+class PackedCollator:
+    """All rows of a batch end to end in one sequence, with no padding: position ids restart at 0 for every
+    row, and with no attention mask the model's mask builder derives from them a block-diagonal causal mask,
+    so rows never attend to each other. The first token of each row is never a target (it would be predicted
+    from the previous row)."""
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids, labels, positions = [], [], []
+        for f in features:
+            n = len(f["input_ids"])
+            ids.extend(f["input_ids"])
+            row_labels = list(f["labels"])
+            row_labels[0] = -100
+            labels.extend(row_labels)
+            positions.extend(range(n))
+        as_row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+        return {"input_ids": as_row(ids), "labels": as_row(labels), "position_ids": as_row(positions)}
+
+
 def _stack(ids: list, labels: list, pad_token_id: int) -> dict[str, torch.Tensor]:
     return PadCollator(pad_token_id)([{"input_ids": i, "labels": y} for i, y in zip(ids, labels)])
 

@@ -147,17 +147,52 @@ def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def quantization_problem() -> str | None:
+    """Why 4/8-bit loading cannot work here, or None when it can (bitsandbytes on a CUDA GPU)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ("needs the bitsandbytes package and a CUDA GPU. hint: pip install bitsandbytes on a machine with "
+                "an NVIDIA GPU, or remove model.quantization_bit to train plain LoRA")
+    if not torch.cuda.is_available():
+        return ("bitsandbytes is installed but no CUDA GPU is visible, and TuneForge quantizes only on CUDA. "
+                "hint: remove model.quantization_bit to train plain LoRA on this machine")
+    return None
+
+
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for model.quantization_bit, or None; a clear error where unsupported."""
+    if not cfg.quantization_bit:
+        return None
+    problem = quantization_problem()
+    if problem:
+        from tuneforge.errors import ConfigError
+
+        raise ConfigError(f"model.quantization_bit: {cfg.quantization_bit}-bit loading {problem}")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.quantization_type,
+                              bnb_4bit_use_double_quant=cfg.double_quantization,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def load_model(source: ModelSource | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               reward: bool = False):
-    """A causal LM, or with `reward` the same body with a one-output `score` head (reward models)."""
+               reward: bool = False, quantization=None):
+    """A causal LM, or with `reward` the same body with a one-output `score` head (reward models).
+    `quantization` (a BitsAndBytesConfig) loads the weights in 4/8 bits on the current CUDA device."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = source.path if isinstance(source, ModelSource) else source
+    extra = {}
+    if quantization is not None:
+        extra = {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
     try:
         if reward:
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
-                                                                      trust_remote_code=trust_remote_code)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+                                                                      trust_remote_code=trust_remote_code, **extra)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ModelError(f"{path}: this model needs its own Python code. hint: set model.trust_remote_code: "

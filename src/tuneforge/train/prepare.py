@@ -12,7 +12,8 @@ from tuneforge.data.pipeline import DataBundle, load_data
 from tuneforge.data.template import ChatTemplate, resolve_template
 from tuneforge.errors import ConfigError
 from tuneforge.model.adapters import ParamCount, apply_adapter, count_params, upcast_trainable
-from tuneforge.model.loader import ModelSource, default_cache_dir, load_model, load_tokenizer, resolve_dtype, resolve_model
+from tuneforge.model.loader import (ModelSource, default_cache_dir, load_model, load_tokenizer, quantization_config,
+                                   resolve_dtype, resolve_model)
 
 
 @dataclass
@@ -37,6 +38,7 @@ def check_trackers(report_to: list[str]) -> None:
 
 def prepare(cfg: TuneForgeConfig) -> Prepared:
     check_trackers(cfg.train.report_to)
+    quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))  # unsupported here: say so before loading
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     template, note = resolve_template(cfg.model.template, tokenizer)
@@ -51,9 +53,14 @@ def build_model(cfg: TuneForgeConfig, source: ModelSource):
     """Load the weights and make the configured ones trainable (reward models get a new `score` head)."""
     dtype = resolve_dtype(cfg.model.dtype)
     reward = cfg.method.stage == "rm"
-    model = load_model(source, dtype, cfg.model.trust_remote_code, reward=reward)
+    quantization = quantization_config(cfg.model, dtype)
+    model = load_model(source, dtype, cfg.model.trust_remote_code, reward=reward, quantization=quantization)
     if reward and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
+    if quantization is not None:  # QLoRA: norms in float32, inputs that carry gradients into the adapters
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     model = apply_adapter(model, cfg.method.adapter, head="score" if reward else None)
     if dtype != torch.float32:
         upcast_trainable(model)

@@ -10,7 +10,7 @@ import torch
 from transformers import TrainingArguments
 
 from tuneforge.config import TuneForgeConfig, load_config
-from tuneforge.data.collate import KTOCollator, PadCollator, PairCollator
+from tuneforge.data.collate import KTOCollator, PackedCollator, PadCollator, PairCollator
 from tuneforge.model.adapters import ParamCount, count_params
 from tuneforge.train.callbacks import GracefulStop, MetricsCallback
 from tuneforge.train.preference_trainer import DPOTrainer, KTOTrainer, RewardTrainer
@@ -124,8 +124,12 @@ def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir, 
     )
     stop = GracefulStop()
     pad_id = prepared.tokenizer.pad_token_id if prepared.tokenizer.pad_token_id is not None else 0
-    collator = PadCollator(pad_id, pad_to_multiple_of=8 if on_gpu else None) if stage in ("sft", "pt") \
-        else COLLATORS[stage](pad_id)
+    if stage == "sft" and cfg.data.packing:
+        collator = PackedCollator()
+    elif stage in ("sft", "pt"):
+        collator = PadCollator(pad_id, pad_to_multiple_of=8 if on_gpu else None)
+    else:
+        collator = COLLATORS[stage](pad_id)
     extra = {} if stage in ("sft", "pt") else {"method": cfg.method, "ref_model": ref_model}
     trainer = TRAINERS[stage](
         model=model,

@@ -33,7 +33,8 @@ class TuneForgeTrainer(Trainer):
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1 and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
         if model.training:
-            self._tokens += int(inputs["attention_mask"].sum())
+            mask = inputs.get("attention_mask")  # packed batches have none: every token is real
+            self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
             self._supervised += int(targets.numel())
         return (loss, outputs) if return_outputs else loss
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from tuneforge.config import ModelConfig
-from tuneforge.errors import ModelError
+from tuneforge.config import ModelConfig, load_config
+from tuneforge.errors import ConfigError, ModelError
 from tuneforge.model import embedded
 from tuneforge.model.loader import load_model, load_tokenizer, resolve_dtype, resolve_model
 
@@ -57,3 +57,33 @@ def test_dtype_auto_is_float32_on_cpu():
     if not torch.cuda.is_available():
         assert resolve_dtype("auto") is torch.float32
     assert resolve_dtype("bfloat16") is torch.bfloat16
+
+
+def test_quantization_is_refused_with_a_hint_where_unsupported(tiny_config):
+    from tuneforge.model.loader import quantization_problem
+    from tuneforge.train.run import check
+
+    tiny_config["model"]["quantization_bit"] = 4
+    if quantization_problem() is None:
+        pytest.skip("this machine can quantize (bitsandbytes and a CUDA GPU)")
+    with pytest.raises(ConfigError, match=r"model.quantization_bit: 4-bit loading .*hint: .*remove model.quantization_bit"):
+        check(tiny_config)
+
+
+def test_quantized_weights_train_only_through_lora(tiny_config):
+    tiny_config["model"]["quantization_bit"] = 8
+    tiny_config["method"]["adapter"] = {"type": "freeze"}
+    with pytest.raises(ConfigError, match="use lora \\(QLoRA\\)"):
+        load_config(tiny_config)
+
+
+def test_quantization_settings_reach_bitsandbytes(monkeypatch):
+    from tuneforge.model import loader
+
+    monkeypatch.setattr(loader, "quantization_problem", lambda: None)
+    q4 = loader.quantization_config(ModelConfig(name_or_path="x", quantization_bit=4, quantization_type="fp4",
+                                                double_quantization=False), torch.bfloat16)
+    assert q4.load_in_4bit and q4.bnb_4bit_quant_type == "fp4" and not q4.bnb_4bit_use_double_quant
+    assert q4.bnb_4bit_compute_dtype == torch.bfloat16
+    assert loader.quantization_config(ModelConfig(name_or_path="x", quantization_bit=8), torch.float32).load_in_8bit
+    assert loader.quantization_config(ModelConfig(name_or_path="x"), torch.float32) is None
