@@ -142,6 +142,11 @@ class LoraAdapter(Strict):
     loraplus_lr_ratio: float | None = Field(
         None, gt=0, description="LoRA+: the B matrices learn this many times faster than A (16 is typical)."
     )
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="Adapter start: default (B = 0), gaussian, pissa (principal singular vectors of "
+        "each weight, which converge faster) or olora (QR-based). pissa and olora move the base weights while "
+        "training; the saved adapter is converted to apply to the original base (at twice the rank)."
+    )
 
     _split = field_validator("modules_to_save", mode="before")(_split_names)
     _all_or_split = field_validator("target_modules", mode="before")(_all_or_names)
@@ -333,6 +338,12 @@ class TuneForgeConfig(Strict):
         if self.data.packing and self.method.stage != "sft":
             raise ValueError("data.packing applies to stage sft (pt already joins documents into blocks; the "
                              "preference stages pair rows); remove it")
+        adapter = self.method.adapter
+        if getattr(adapter, "init", "default") in ("pissa", "olora") and (
+                adapter.dora or self.model.quantization_bit or self.method.stage not in ("sft", "pt")):
+            raise ValueError(f"method.adapter.init: {adapter.init} works with plain LoRA on unquantized weights "
+                             "in stages sft and pt (other stages use the base as their reference); remove dora / "
+                             "model.quantization_bit, or use init: default")
         if self.model.quantization_bit and self.method.adapter.type != "lora":
             raise ValueError(f"model.quantization_bit: quantized weights cannot be trained with "
                              f"method.adapter.type {self.method.adapter.type}; use lora (QLoRA) or drop quantization_bit")

@@ -73,6 +73,7 @@ def _apply_lora(model: nn.Module, adapter: LoraAdapter, head: str | None = None)
                         target_modules=targets, modules_to_save=to_save or None,
                         layers_to_transform=layers, layers_pattern=prefix.rsplit(".", 1)[-1] if layers else None,
                         use_dora=adapter.dora, use_rslora=adapter.rslora,
+                        init_lora_weights=True if adapter.init == "default" else adapter.init,
                         task_type="SEQ_CLS" if head else "CAUSAL_LM")
     return get_peft_model(model, config)
 
@@ -119,6 +120,11 @@ def upcast_trainable(model: nn.Module) -> None:
     for p in model.parameters():
         if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
+
+
+def moves_base_weights(adapter) -> bool:
+    """PiSSA / OLoRA initialisation subtracts the adapter's start from the base weights."""
+    return isinstance(adapter, LoraAdapter) and adapter.init in ("pissa", "olora")
 
 
 def loraplus_param_groups(model: nn.Module, lr: float, ratio: float, weight_decay: float) -> list[dict]:

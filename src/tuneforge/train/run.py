@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from transformers import TrainingArguments
 
 from tuneforge.config import TuneForgeConfig, load_config
 from tuneforge.data.collate import KTOCollator, PackedCollator, PadCollator, PairCollator
-from tuneforge.model.adapters import ParamCount, count_params
+from tuneforge.model.adapters import ParamCount, count_params, moves_base_weights
 from tuneforge.train.callbacks import GracefulStop, MetricsCallback
 from tuneforge.train.preference_trainer import DPOTrainer, KTOTrainer, RewardTrainer
 from tuneforge.train.prepare import Prepared, build_model, build_reference, count_trainable, prepare
@@ -27,6 +28,9 @@ class RunResult:
     metrics: dict
 
 
+INIT_ADAPTER = "adapter_init"  # PiSSA / OLoRA: the adapter as initialised, kept for the final conversion
+
+
 def train(config, overrides: list[str] = ()) -> RunResult:
     """Fine-tune as configured (a YAML path, dict or TuneForgeConfig) and save everything to the run directory."""
     cfg = load_config(config, overrides)
@@ -35,6 +39,10 @@ def train(config, overrides: list[str] = ()) -> RunResult:
     run, checkpoint = prepare_run_dir(cfg)
     model = build_model(cfg, prepared.source)
     print(f"tuneforge: {count_params(model)}", flush=True)
+    if moves_base_weights(cfg.method.adapter) and not (run.path / INIT_ADAPTER).exists():
+        with warnings.catch_warnings():  # PEFT warns that the base moved: the final save converts for it
+            warnings.simplefilter("ignore", UserWarning)
+            model.save_pretrained(str(run.path / INIT_ADAPTER))  # the start, to convert the final adapter against
     run.update_meta(base_model=prepared.source.path, base_model_name=cfg.model.name_or_path,
                     template=prepared.template.name, stop=list(prepared.template.stop), stage=cfg.method.stage,
                     default_system=cfg.data.default_system, adapter=cfg.method.adapter.type)
@@ -150,7 +158,12 @@ def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir, 
 def save_weights(trainer: TuneForgeTrainer, prepared: Prepared, run: RunDir, cfg: TuneForgeConfig) -> Path:
     """adapter/ (LoRA) or model/ (freeze, full), in safetensors, with the tokenizer and its chat template."""
     target = run.path / ("adapter" if cfg.method.adapter.type == "lora" else "model")
-    trainer.save_model(str(target))  # safetensors; saves the tokenizer (processing_class) too
+    if moves_base_weights(cfg.method.adapter):  # convert to an adapter on the original base weights
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.save_pretrained(str(target), path_initial_model_for_weight_conversion=str(run.path / INIT_ADAPTER))
+        prepared.tokenizer.save_pretrained(str(target))
+    else:
+        trainer.save_model(str(target))  # safetensors; saves the tokenizer (processing_class) too
     stop_ids = [i for i in (prepared.tokenizer.convert_tokens_to_ids(s) for s in prepared.template.stop)
                 if isinstance(i, int) and i != prepared.tokenizer.unk_token_id]
     gen = trainer.model.generation_config if hasattr(trainer.model, "generation_config") else None

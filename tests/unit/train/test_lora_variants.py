@@ -115,3 +115,44 @@ def test_neftune_adds_noise_to_embeddings_only_while_training(tiny_config):
     assert seen and seen[0] > 0  # noisy inside training
     embeddings.train()
     assert torch.equal(embeddings(ids).detach(), clean)  # clean afterwards, even in train mode: the hook is gone
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_runs_save_an_adapter_for_the_original_base(tiny_config, init):
+    from tuneforge.train.run import save_weights
+
+    tiny_config["method"]["adapter"].update(init=init)
+    tiny_config["train"].update(max_steps=2, learning_rate=1e-2)
+    cfg = load_config(tiny_config)
+    prepared = prepare(cfg)
+    run, _ = prepare_run_dir(cfg)
+    model = build_model(cfg, prepared.source)
+    base = AutoModelForCausalLM.from_pretrained(prepared.source.path).eval()
+    residual = model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight
+    assert not torch.allclose(residual, base.model.layers[0].mlp.up_proj.weight)  # the base was moved
+    model.save_pretrained(str(run.path / "adapter_init"))
+    trainer, _ = build_trainer(cfg, model, prepared, run)
+    trainer.train()
+    save_weights(trainer, prepared, run, cfg)
+
+    settings = json.loads((run.path / "adapter" / "adapter_config.json").read_text())
+    assert settings["r"] == 2 * 4 and settings["init_lora_weights"] is True  # converted: plain LoRA, twice the rank
+    engine = Engine.load(str(run.path))  # the original base + the converted adapter
+    ids = torch.tensor([engine.prompt_ids([{"role": "user", "content": "Who are you?"}])])
+    with torch.no_grad():
+        torch.testing.assert_close(engine.model(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+        assert (engine.model(input_ids=ids).logits - base(input_ids=ids).logits).abs().max() > 1e-4
+
+
+def test_pissa_is_refused_where_the_base_is_a_reference(tiny_config):
+    tiny_config["method"] = {"stage": "dpo", "adapter": {"type": "lora", "init": "pissa"}}
+    with pytest.raises(ConfigError, match="init: pissa works with plain LoRA"):
+        load_config(tiny_config)
+
+
+def test_a_pissa_run_through_train_keeps_its_start_and_saves_the_converted_adapter(tiny_config):
+    tiny_config["method"]["adapter"].update(init="pissa")
+    run = train(tiny_config).run_dir
+    assert (run / "adapter_init" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 8
