@@ -105,3 +105,20 @@ def write_label_data(folder: Path, n: int = 12) -> Path:
         "labels": {"file_name": "labels.jsonl", "columns": {"prompt": "text", "response": "label"}},
         "identity": {"file_name": str(REPO / "data" / "identity.json")}}))
     return folder
+
+
+def write_preference_data(folder: Path, prompts: list[str], chosen: str, rejected: str,
+                          kto_prompts: list[str] | None = None) -> Path:
+    """A separable preference set (`pairs`: chosen always beats rejected) and KTO rows (`kto`: alternately the
+    rejected answer marked undesirable and the chosen one marked desirable), with their registry entries."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = [{"instruction": p, "chosen": chosen, "rejected": rejected} for p in prompts]
+    kto = [{"instruction": p, "output": chosen if i % 2 else rejected, "label": bool(i % 2)}
+           for i, p in enumerate(kto_prompts or prompts)]
+    (folder / "pairs.json").write_text(json.dumps(pairs))
+    (folder / "kto.json").write_text(json.dumps(kto))
+    (folder / "dataset_info.json").write_text(json.dumps({
+        "pairs": {"file_name": "pairs.json", "ranking": True,
+                  "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}},
+        "kto": {"file_name": "kto.json", "columns": {"kto_tag": "label"}}}))
+    return folder

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_preference_data
 from tests.e2e.test_embedded_models import needs_smollm2, tuneforge
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, needs_smollm2]
@@ -20,17 +21,8 @@ THINGS = ["an apple", "a banana", "a cherry", "a grape", "a lemon", "a mango", "
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("toy")
-    pairs = [{"instruction": f"Is {t} a fruit? Answer in one word.", "chosen": "Yes.", "rejected": "No."} for t in THINGS]
-    kto = [{"instruction": f"Is {t} a fruit? Answer in one word.", "output": "Yes." if i % 2 else "No.",
-            "label": bool(i % 2)} for i, t in enumerate(THINGS * 2)]
-    (folder / "pairs.json").write_text(json.dumps(pairs))
-    (folder / "kto.json").write_text(json.dumps(kto))
-    (folder / "dataset_info.json").write_text(json.dumps({
-        "pairs": {"file_name": "pairs.json", "ranking": True,
-                  "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}},
-        "kto": {"file_name": "kto.json", "columns": {"kto_tag": "label"}}}))
-    return folder
+    prompts = [f"Is {t} a fruit? Answer in one word." for t in THINGS]
+    return write_preference_data(tmp_path_factory.mktemp("toy"), prompts, "Yes.", "No.", kto_prompts=prompts * 2)
 
 
 def run_stage(example: str, toy: Path, run: Path, *overrides: str) -> list[dict]:

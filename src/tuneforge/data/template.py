@@ -31,6 +31,12 @@ class ChatTemplate:
                                              add_generation_prompt=add_generation_prompt, tokenize=False)
 
 
+def stop_token_ids(tokenizer, stop) -> list[int]:
+    """Ids of the stop strings that are single tokens of this tokenizer (unknown ones left out)."""
+    ids = (tokenizer.convert_tokens_to_ids(s) for s in stop)
+    return [i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id]
+
+
 @lru_cache(maxsize=1)
 def builtin_templates() -> dict[str, dict]:
     text = resources.files("tuneforge.data").joinpath("templates.yaml").read_text(encoding="utf-8")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tuneforge.config import ModelConfig
 from tuneforge.errors import ModelError
-from tuneforge.data.template import resolve_template
+from tuneforge.data.template import resolve_template, stop_token_ids
 from tuneforge.model.loader import load_model, load_tokenizer, resolve_dtype, resolve_model
 from tuneforge.rundir import META, open_run
 from tuneforge.train.losses import causal_lm_loss_sum, next_token_mask, next_token_targets
@@ -39,8 +39,7 @@ class Engine:
         self.default_system = default_system  # the system prompt the run was trained with, if it set one
         self.stop = list(stop)
         self.adapter_off = False
-        ids = [tokenizer.convert_tokens_to_ids(s) for s in stop]
-        self.stop_ids = [i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id] or [tokenizer.eos_token_id]
+        self.stop_ids = stop_token_ids(tokenizer, stop) or [tokenizer.eos_token_id]
 
     @classmethod
     def load(cls, target: str, template: str = "auto", backend: str = "hf"):

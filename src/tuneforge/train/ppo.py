@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from tuneforge.data.pipeline import tokenizer_fingerprint
+from tuneforge.data.template import stop_token_ids
 from tuneforge.errors import ConfigError
 from tuneforge.infer.reward import RewardModel
 from tuneforge.model.heads import ValueHead
@@ -62,7 +63,7 @@ def run_ppo(cfg, model, prepared, run: RunDir, ref_model=None):
         ref_model.to(accelerator.device)
     reward.model.to(accelerator.device)
     tokenizer, stop = prepared.tokenizer, GracefulStop()
-    stop_ids = [i for i in (tokenizer.convert_tokens_to_ids(s) for s in prepared.template.stop) if isinstance(i, int)]
+    stop_ids = stop_token_ids(tokenizer, prepared.template.stop) or [tokenizer.eos_token_id]
     order, rng = [], random.Random(t.seed)
     stop.on_train_begin(None, None, None)
     history = []

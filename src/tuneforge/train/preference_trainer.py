@@ -62,16 +62,11 @@ class _StatsTrainer(TuneForgeTrainer):
         with self.accelerator.unwrap_model(model).disable_adapter():
             return sequence_logps(model, batch)[0]
 
-    def _count_tokens(self, model, inputs) -> None:
-        if model.training:
-            self._tokens += int(inputs["attention_mask"].sum())
-            self._supervised += int((inputs["labels"] != -100).sum())
-
 
 class DPOTrainer(_StatsTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         m = self.method
-        self._count_tokens(model, inputs)
+        self._count_tokens(model, inputs, (inputs["labels"] != -100).sum())
         logps, counts = sequence_logps(model, inputs)
         half = logps.shape[0] // 2
         avg = logps / counts.clamp(min=1)
@@ -102,7 +97,7 @@ class KTOTrainer(_StatsTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         m = self.method
         desirable = inputs.pop("desirable")
-        self._count_tokens(model, inputs)
+        self._count_tokens(model, inputs, (inputs["labels"] != -100).sum())
         logps, counts = sequence_logps(model, inputs)
         ref = self.reference_logps(model, inputs)
         half = logps.shape[0] // 2
@@ -124,7 +119,7 @@ class KTOTrainer(_StatsTrainer):
 
 class RewardTrainer(_StatsTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._count_tokens(model, inputs)
+        self._count_tokens(model, inputs, (inputs["labels"] != -100).sum())
         rewards = last_token_rewards(model, inputs["input_ids"], inputs["attention_mask"])
         half = rewards.shape[0] // 2
         chosen, rejected = rewards[:half], rewards[half:]

@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 
 from tuneforge.config import TuneForgeConfig, load_config
 from tuneforge.data.collate import KTOCollator, PackedCollator, PadCollator, PairCollator
+from tuneforge.data.template import stop_token_ids
 from tuneforge.model.adapters import ParamCount, count_params, moves_base_weights
 from tuneforge.train.callbacks import GracefulStop, MetricsCallback
 from tuneforge.train.preference_trainer import DPOTrainer, KTOTrainer, RewardTrainer
@@ -164,8 +165,7 @@ def save_weights(trainer: TuneForgeTrainer, prepared: Prepared, run: RunDir, cfg
         prepared.tokenizer.save_pretrained(str(target))
     else:
         trainer.save_model(str(target))  # safetensors; saves the tokenizer (processing_class) too
-    stop_ids = [i for i in (prepared.tokenizer.convert_tokens_to_ids(s) for s in prepared.template.stop)
-                if isinstance(i, int) and i != prepared.tokenizer.unk_token_id]
+    stop_ids = stop_token_ids(prepared.tokenizer, prepared.template.stop)
     gen = trainer.model.generation_config if hasattr(trainer.model, "generation_config") else None
     if gen is not None and stop_ids and cfg.method.adapter.type != "lora" and cfg.method.stage != "rm":
         gen.eos_token_id = stop_ids

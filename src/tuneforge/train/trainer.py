@@ -32,11 +32,15 @@ class TuneForgeTrainer(Trainer):
         loss = loss_sum / (n.to(loss_sum.device).clamp(min=1) if torch.is_tensor(n) else max(n, 1))
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1 and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
+        self._count_tokens(model, inputs, targets.numel())
+        return (loss, outputs) if return_outputs else loss
+
+    def _count_tokens(self, model, inputs: dict, supervised: int) -> None:
+        """Tokens and supervised tokens of a training batch, for the throughput logs."""
         if model.training:
             mask = inputs.get("attention_mask")  # packed batches have none: every token is real
             self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-            self._supervised += int(targets.numel())
-        return (loss, outputs) if return_outputs else loss
+            self._supervised += int(supervised)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None or not self.loraplus_lr_ratio:

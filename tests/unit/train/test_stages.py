@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_preference_data
 from tuneforge.cli import main
 from tuneforge.config import load_config
 from tuneforge.train.prepare import build_reference, prepare
@@ -13,18 +14,8 @@ from tuneforge.train.run import train
 
 def toy_preferences(folder: Path, n: int = 24) -> Path:
     """A separable preference set: the chosen answer is always 'yes indeed', the rejected one 'no never'."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = [{"instruction": f"Question number {i}: do you agree?", "chosen": "yes indeed", "rejected": "no never"}
-            for i in range(n)]
-    kto = [{"instruction": f"Question number {i}: do you agree?", "output": "yes indeed" if i % 2 else "no never",
-            "label": bool(i % 2)} for i in range(n)]
-    (folder / "pairs.json").write_text(json.dumps(rows))
-    (folder / "kto.json").write_text(json.dumps(kto))
-    (folder / "dataset_info.json").write_text(json.dumps({
-        "pairs": {"file_name": "pairs.json", "ranking": True,
-                  "columns": {"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}},
-        "kto": {"file_name": "kto.json", "columns": {"kto_tag": "label"}}}))
-    return folder
+    return write_preference_data(folder, [f"Question number {i}: do you agree?" for i in range(n)],
+                                 "yes indeed", "no never")
 
 
 def stage_config(tiny_model_dir, tmp_path, stage: dict, dataset: str = "pairs", steps: int = 30, lr: float = 5e-3):
