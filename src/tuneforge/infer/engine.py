@@ -31,6 +31,26 @@ class GenerationSettings(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, description="Above 1 discourages repeating tokens.")
 
 
+def load_run_weights(run, reward: bool = False):
+    """The trained model of a run directory and its tokenizer: base + adapter/ (not merged), or model/.
+    `reward` loads the body with its one-output score head (runs of stage rm)."""
+    cfg, meta = run.config(), run.meta()
+    weights = run.weights
+    if not weights.is_dir():
+        raise ModelError(f"{run.path}: no adapter/ or model/ folder; the run has not saved weights yet")
+    base = meta.get("base_model")
+    if not base or not Path(base).is_dir():
+        base = resolve_model(cfg.model).path  # e.g. the cache was cleared: convert or download again
+    tokenizer = load_tokenizer(str(weights), cfg.model.trust_remote_code)
+    dtype = resolve_dtype(cfg.model.dtype)
+    if weights.name == "adapter":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_model(base, dtype, cfg.model.trust_remote_code, reward=reward),
+                                         str(weights)), tokenizer
+    return load_model(str(weights), dtype, cfg.model.trust_remote_code, reward=reward), tokenizer
+
+
 class Engine:
     def __init__(self, model, tokenizer, stop: list[str], description: str = "", default_system: str | None = None):
         self.model = model.eval()
@@ -76,22 +96,10 @@ class Engine:
         if meta.get("stage") == "rm":
             raise ModelError(f"{run.path} is a reward model: it scores answers instead of writing them. "
                              f"hint: tuneforge predict {run.path} --data DATA")
-        weights = run.weights
-        if not weights.is_dir():
-            raise ModelError(f"{run.path}: no adapter/ or model/ folder; the run has not saved weights yet")
-        base = meta.get("base_model")
-        if not base or not Path(base).is_dir():
-            base = resolve_model(cfg.model).path  # e.g. the cache was cleared: convert or download again
-        tokenizer = load_tokenizer(str(weights), cfg.model.trust_remote_code)
-        dtype = resolve_dtype(cfg.model.dtype)
-        if weights.name == "adapter":
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(load_model(base, dtype, cfg.model.trust_remote_code), str(weights))
-        else:
-            model = load_model(str(weights), dtype, cfg.model.trust_remote_code)
+        model, tokenizer = load_run_weights(run)
         stop = meta.get("stop") or [tokenizer.eos_token]
-        return cls(model.to(_device()), tokenizer, stop, f"run {run.path} ({cfg.model.name_or_path} + {weights.name})",
+        return cls(model.to(_device()), tokenizer, stop,
+                   f"run {run.path} ({cfg.model.name_or_path} + {run.weights.name})",
                    default_system=meta.get("default_system"))
 
     def without_adapter(self) -> "Engine":

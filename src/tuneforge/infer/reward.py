@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from tuneforge.errors import ConfigError
+from tuneforge.infer.engine import load_run_weights
 from tuneforge.model.heads import last_token_rewards
-from tuneforge.model.loader import load_model, load_tokenizer, resolve_dtype, resolve_model
 from tuneforge.rundir import open_run
 
 
@@ -22,24 +22,10 @@ class RewardModel:
     @classmethod
     def from_run(cls, run_dir: str | Path) -> "RewardModel":
         run = open_run(run_dir)
-        cfg, meta = run.config(), run.meta()
+        meta = run.meta()
         if meta.get("stage") != "rm":
             raise ConfigError(f"{run.path} is a run of stage {meta.get('stage')!r}, not a reward model (stage rm)")
-        weights = run.weights
-        if not weights.is_dir():
-            raise ConfigError(f"{run.path}: no adapter/ or model/ folder; the reward model has not been saved")
-        base = meta.get("base_model")
-        if not base or not Path(base).is_dir():
-            base = resolve_model(cfg.model).path
-        tokenizer = load_tokenizer(str(weights), cfg.model.trust_remote_code)
-        dtype = resolve_dtype(cfg.model.dtype)
-        if weights.name == "adapter":
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(load_model(base, dtype, cfg.model.trust_remote_code, reward=True),
-                                              str(weights))
-        else:
-            model = load_model(str(weights), dtype, cfg.model.trust_remote_code, reward=True)
+        model, tokenizer = load_run_weights(run, reward=True)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return cls(model.to(device), tokenizer, meta.get("default_system"), f"reward model {run.path}")
 
