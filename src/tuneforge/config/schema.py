@@ -175,8 +175,49 @@ class FreezeAdapter(Strict):
         return v
 
 
+LOW_RANK_TARGETS_DOC = "Linear layers whose gradients are projected: `all` (every linear layer of the decoder blocks) or names."
+
+
+class GaloreOptimizer(Strict):
+    name: Literal["galore"] = Field(description="GaLore: Adam states kept for low-rank projections of the gradients.")
+    rank: int = Field(16, ge=1, description="Rank of the gradient projection (memory grows with it).")
+    update_interval: int = Field(200, ge=1, description="Optimizer steps between recomputations of the projection.")
+    scale: float = Field(0.25, gt=0, description="Scale of the projected update (GaLore's alpha).")
+    target_modules: list[str] | Literal["all"] = Field("all", description=LOW_RANK_TARGETS_DOC)
+    layerwise: bool = Field(False, description="Update each weight right after its gradient is ready (less memory; "
+                            "no gradient accumulation, one GPU/CPU process).")
+
+    _all_or_split = field_validator("target_modules", mode="before")(_all_or_names)
+
+
+class ApolloOptimizer(Strict):
+    name: Literal["apollo"] = Field(description="APOLLO: AdamW-like scaling estimated in a random low-rank space "
+                                    "(SGD-like memory).")
+    rank: int = Field(16, ge=1, description="Rank of the auxiliary low-rank space.")
+    update_interval: int = Field(200, ge=1, description="Optimizer steps between new random projections.")
+    scale: float = Field(1.0, gt=0, description="Scale of the update.")
+    target_modules: list[str] | Literal["all"] = Field("all", description=LOW_RANK_TARGETS_DOC)
+    layerwise: bool = Field(False, description="Update each weight right after its gradient is ready.")
+
+    _all_or_split = field_validator("target_modules", mode="before")(_all_or_names)
+
+
+class BadamOptimizer(Strict):
+    name: Literal["badam"] = Field(description="BAdam: Adam on one decoder block at a time (block coordinate descent); "
+                                   "optimizer memory of a single block.")
+    switch_every: int = Field(50, ge=1, description="Optimizer steps before moving on to the next block.")
+    switch_mode: Literal["ascending", "descending", "random", "fixed"] = Field(
+        "ascending", description="Order in which blocks take turns.")
+
+
+LowMemoryOptimizer = Annotated[Union[GaloreOptimizer, ApolloOptimizer, BadamOptimizer], Field(discriminator="name")]
+
+
 class FullAdapter(Strict):
     type: Literal["full"] = Field("full", description=ADAPTER_DOC)
+    optimizer: LowMemoryOptimizer | None = Field(
+        None, description="Memory-efficient full-parameter training: galore, apollo or badam (default: plain AdamW "
+        "as set by train.optim).")
 
 
 Adapter = Annotated[Union[LoraAdapter, FreezeAdapter, FullAdapter], Field(discriminator="type")]
@@ -344,6 +385,13 @@ class TuneForgeConfig(Strict):
             raise ValueError(f"method.adapter.init: {adapter.init} works with plain LoRA on unquantized weights "
                              "in stages sft and pt (other stages use the base as their reference); remove dora / "
                              "model.quantization_bit, or use init: default")
+        optimizer = getattr(adapter, "optimizer", None)
+        if optimizer is not None and self.method.stage == "ppo":
+            raise ValueError(f"method.adapter.optimizer: {optimizer.name} is not available for stage ppo (its loop "
+                             "uses AdamW); remove it")
+        if getattr(optimizer, "layerwise", False) and self.train.gradient_accumulation_steps > 1:
+            raise ValueError("method.adapter.optimizer.layerwise updates weights during the backward pass and cannot "
+                             "accumulate gradients; set train.gradient_accumulation_steps: 1 or layerwise: false")
         if self.model.quantization_bit and self.method.adapter.type != "lora":
             raise ValueError(f"model.quantization_bit: quantized weights cannot be trained with "
                              f"method.adapter.type {self.method.adapter.type}; use lora (QLoRA) or drop quantization_bit")

@@ -14,6 +14,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.model.adapters import ParamCount, apply_adapter, count_params, upcast_trainable
 from tuneforge.model.loader import (ModelSource, default_cache_dir, load_model, load_tokenizer, quantization_config,
                                    resolve_dtype, resolve_model)
+from tuneforge.train.optimizers import check_optimizer_installed
 
 
 @dataclass
@@ -38,6 +39,7 @@ def check_trackers(report_to: list[str]) -> None:
 
 def prepare(cfg: TuneForgeConfig) -> Prepared:
     check_trackers(cfg.train.report_to)
+    check_optimizer_installed(getattr(cfg.method.adapter, "optimizer", None))
     quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))  # unsupported here: say so before loading
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)

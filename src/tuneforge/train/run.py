@@ -11,10 +11,12 @@ import torch
 from transformers import TrainingArguments
 
 from tuneforge.config import TuneForgeConfig, load_config
+from tuneforge.config.schema import BadamOptimizer
 from tuneforge.data.collate import KTOCollator, PackedCollator, PadCollator, PairCollator
 from tuneforge.data.template import stop_token_ids
 from tuneforge.model.adapters import ParamCount, count_params, moves_base_weights
 from tuneforge.train.callbacks import GracefulStop, MetricsCallback
+from tuneforge.train.optimizers import low_rank_training_args
 from tuneforge.train.preference_trainer import DPOTrainer, KTOTrainer, RewardTrainer
 from tuneforge.train.prepare import Prepared, build_model, build_reference, count_trainable, prepare
 from tuneforge.train.report import format_data_report
@@ -97,6 +99,8 @@ COLLATORS = {"sft": PadCollator, "pt": PadCollator, "rm": PairCollator, "dpo": P
 def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir, ref_model=None):
     t, has_eval, stage = cfg.train, prepared.data.eval is not None, cfg.method.stage
     on_gpu = torch.cuda.is_available()
+    optimizer = getattr(cfg.method.adapter, "optimizer", None)  # GaLore / APOLLO / BAdam (full training)
+    optim = {"optim": t.optim, **low_rank_training_args(optimizer, model)}
     args = TrainingArguments(
         output_dir=str(run.checkpoints),
         num_train_epochs=t.num_epochs,
@@ -109,7 +113,7 @@ def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir, 
         warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
+        **optim,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -151,6 +155,7 @@ def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir, 
         **extra,
     )
     trainer.loraplus_lr_ratio = getattr(cfg.method.adapter, "loraplus_lr_ratio", None)
+    trainer.block_optimizer = optimizer if isinstance(optimizer, BadamOptimizer) else None
     if ref_model is not None:
         ref_model.to(trainer.args.device)
     return trainer, stop

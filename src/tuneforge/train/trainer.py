@@ -14,6 +14,7 @@ class TuneForgeTrainer(Trainer):
     # compute_loss divides by the token count of the whole accumulated batch (num_items_in_batch).
     loss_is_scaled_for_ga = True
     loraplus_lr_ratio: float | None = None  # LoRA+: B matrices at this multiple of the learning rate
+    block_optimizer = None  # BAdam settings: the AdamW is wrapped so that one decoder block trains at a time
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -43,6 +44,12 @@ class TuneForgeTrainer(Trainer):
             self._supervised += int(supervised)
 
     def create_optimizer(self, model=None):
+        if self.optimizer is None and self.block_optimizer is not None:
+            from tuneforge.train.optimizers import build_block_optimizer
+
+            base = super().create_optimizer(model)
+            self.optimizer = build_block_optimizer(self.model if model is None else model, base, self.block_optimizer)
+            return self.optimizer
         if self.optimizer is not None or not self.loraplus_lr_ratio:
             return super().create_optimizer(model)
         from tuneforge.model.adapters import loraplus_param_groups
