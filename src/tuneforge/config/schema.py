@@ -118,7 +118,8 @@ class DataConfig(Strict):
         return v
 
 
-ADAPTER_DOC = "How weights are trained: lora (adapters), freeze (some layers) or full."
+ADAPTER_DOC = ("How weights are trained: lora (adapters), freeze (some layers), full, or llama_pro (new blocks "
+               "added and trained).")
 
 
 class LoraAdapter(Strict):
@@ -220,7 +221,18 @@ class FullAdapter(Strict):
         "as set by train.optim).")
 
 
-Adapter = Annotated[Union[LoraAdapter, FreezeAdapter, FullAdapter], Field(discriminator="type")]
+class LlamaProAdapter(Strict):
+    type: Literal["llama_pro"] = Field("llama_pro", description=ADAPTER_DOC)
+    new_layers: int = Field(
+        2, ge=1, description="LLaMA-Pro: decoder blocks added, one after each of this many equal groups of the "
+        "model's blocks; they start as the identity (output projections zero) and are the only ones trained.")
+    extra_modules: list[str] = Field(
+        default_factory=list, description="Modules outside the decoder layers to train too (e.g. embed_tokens).")
+
+    _split = field_validator("extra_modules", mode="before")(_split_names)
+
+
+Adapter = Annotated[Union[LoraAdapter, FreezeAdapter, FullAdapter, LlamaProAdapter], Field(discriminator="type")]
 
 
 STAGE_DOC = ("sft: supervised fine-tuning on conversations; pt: continued pre-training on text; rm: reward model "

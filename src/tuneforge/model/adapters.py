@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tuneforge.config.schema import FreezeAdapter, FullAdapter, LoraAdapter
+from tuneforge.config.schema import FreezeAdapter, FullAdapter, LlamaProAdapter, LoraAdapter
 from tuneforge.errors import ConfigError
 
 
@@ -32,14 +32,14 @@ def count_params(model: nn.Module) -> ParamCount:
     return ParamCount(trainable, total)
 
 
-def apply_adapter(model: nn.Module, adapter: LoraAdapter | FreezeAdapter | FullAdapter,
+def apply_adapter(model: nn.Module, adapter: LoraAdapter | FreezeAdapter | FullAdapter | LlamaProAdapter,
                   head: str | None = None) -> nn.Module:
     """Set requires_grad (and wrap with PEFT for LoRA); returns the model to train. `head` names a new output
     layer (a reward model's `score`) that always trains in full."""
     if isinstance(adapter, LoraAdapter):
         return _apply_lora(model, adapter, head)
-    if isinstance(adapter, FreezeAdapter):
-        _apply_freeze(model, adapter)
+    if isinstance(adapter, (FreezeAdapter, LlamaProAdapter)):
+        _apply_freeze(model, adapter) if isinstance(adapter, FreezeAdapter) else _apply_llama_pro(model, adapter)
         if head:
             getattr(model, head).requires_grad_(True)
         return model
@@ -107,7 +107,22 @@ def _apply_freeze(model: nn.Module, adapter: FreezeAdapter) -> None:
                        {c for n, _ in layers[0].named_parameters() for c in n.split(".")[:2]})
         raise ConfigError(f"method.adapter.trainable_modules: {sorted(set(wanted) - matched_modules)} match nothing "
                           f"in the decoder layers ({prefix}.N); their submodules are {names}")
-    for extra in adapter.extra_modules:
+    _train_extra_modules(model, adapter.extra_modules)
+
+
+def _apply_llama_pro(model: nn.Module, adapter: LlamaProAdapter) -> None:
+    from tuneforge.model.expand import apply_block_expansion
+
+    new = apply_block_expansion(model, adapter.new_layers)
+    model.requires_grad_(False)
+    _, layers = decoder_layers(model)
+    for i in new:
+        layers[i].requires_grad_(True)
+    _train_extra_modules(model, adapter.extra_modules)
+
+
+def _train_extra_modules(model: nn.Module, names: list[str]) -> None:
+    for extra in names:
         params = [p for name, p in model.named_parameters() if extra in name.split(".")]
         if not params:
             raise ConfigError(f"method.adapter.extra_modules: {extra!r} matches no module outside the layers")
