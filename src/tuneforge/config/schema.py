@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -30,6 +30,8 @@ def _all_or_names(value):
 
 
 class ModelConfig(Strict):
+    _split = field_validator("new_special_tokens", mode="before")(_split_names)
+
     name_or_path: str = Field(
         description="What to fine-tune: an embedded model name (see `tuneforge env`), a local Hugging Face "
         "folder, a .gguf file, or a hub id such as Qwen/Qwen2.5-0.5B-Instruct."
@@ -53,6 +55,9 @@ class ModelConfig(Strict):
     )
     quantization_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit number format: nf4 or fp4.")
     double_quantization: bool = Field(True, description="4-bit: quantize the quantization constants too.")
+    new_special_tokens: list[str] = Field(
+        default_factory=list, description="Tokens added to the vocabulary as special tokens (e.g. <tool_call>): the "
+        "embedding matrix grows, and the new rows train (with LoRA only those rows, saved with the adapter).")
     template: str = Field(
         "auto",
         description="Chat template: auto uses the tokenizer's own template (or `empty` if it has none); "
@@ -131,8 +136,9 @@ class LoraAdapter(Strict):
         "all", description="Linear layers that get adapters: `all`, or names such as q_proj,v_proj."
     )
     modules_to_save: list[str] = Field(
-        default_factory=list, description="Extra modules trained in full and saved with the adapter (e.g. lm_head)."
-    )
+        default_factory=list, validation_alias=AliasChoices("modules_to_save", "additional_target"),
+        description="Extra modules trained in full and saved with the adapter (e.g. embed_tokens,lm_head); "
+        "LLaMA-Factory's name additional_target is accepted too.")
     last_layers: int | None = Field(
         None, ge=1, description="Adapt only the last N decoder layers; backpropagation then stops there (faster)."
     )
@@ -176,11 +182,13 @@ class FreezeAdapter(Strict):
         return v
 
 
+OPTIMIZER_DOC = ("galore: Adam states kept for low-rank projections of the gradients; apollo: AdamW-like scaling "
+                 "estimated in a random low-rank space (SGD-like memory); badam: Adam on one decoder block at a time.")
 LOW_RANK_TARGETS_DOC = "Linear layers whose gradients are projected: `all` (every linear layer of the decoder blocks) or names."
 
 
 class GaloreOptimizer(Strict):
-    name: Literal["galore"] = Field(description="GaLore: Adam states kept for low-rank projections of the gradients.")
+    name: Literal["galore"] = Field(description=OPTIMIZER_DOC)
     rank: int = Field(16, ge=1, description="Rank of the gradient projection (memory grows with it).")
     update_interval: int = Field(200, ge=1, description="Optimizer steps between recomputations of the projection.")
     scale: float = Field(0.25, gt=0, description="Scale of the projected update (GaLore's alpha).")
@@ -192,8 +200,7 @@ class GaloreOptimizer(Strict):
 
 
 class ApolloOptimizer(Strict):
-    name: Literal["apollo"] = Field(description="APOLLO: AdamW-like scaling estimated in a random low-rank space "
-                                    "(SGD-like memory).")
+    name: Literal["apollo"] = Field(description=OPTIMIZER_DOC)
     rank: int = Field(16, ge=1, description="Rank of the auxiliary low-rank space.")
     update_interval: int = Field(200, ge=1, description="Optimizer steps between new random projections.")
     scale: float = Field(1.0, gt=0, description="Scale of the update.")
@@ -204,8 +211,7 @@ class ApolloOptimizer(Strict):
 
 
 class BadamOptimizer(Strict):
-    name: Literal["badam"] = Field(description="BAdam: Adam on one decoder block at a time (block coordinate descent); "
-                                   "optimizer memory of a single block.")
+    name: Literal["badam"] = Field(description=OPTIMIZER_DOC)
     switch_every: int = Field(50, ge=1, description="Optimizer steps before moving on to the next block.")
     switch_mode: Literal["ascending", "descending", "random", "fixed"] = Field(
         "ascending", description="Order in which blocks take turns.")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tuneforge.config import ModelConfig
 from tuneforge.errors import ModelError
 from tuneforge.data.template import resolve_template, stop_token_ids
-from tuneforge.model.loader import load_model, load_tokenizer, resolve_dtype, resolve_model
+from tuneforge.model.loader import fit_vocabulary, load_model, load_tokenizer, resolve_dtype, resolve_model
 from tuneforge.rundir import META, open_run
 from tuneforge.train.losses import causal_lm_loss_sum, next_token_mask, next_token_targets
 
@@ -46,8 +46,9 @@ def load_run_weights(run, reward: bool = False):
     if weights.name == "adapter":
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(load_model(base, dtype, cfg.model.trust_remote_code, reward=reward),
-                                         str(weights)), tokenizer
+        model = load_model(base, dtype, cfg.model.trust_remote_code, reward=reward)
+        fit_vocabulary(model, tokenizer, mean_init=False)  # model.new_special_tokens: the adapter holds their rows
+        return PeftModel.from_pretrained(model, str(weights)), tokenizer
     return load_model(str(weights), dtype, cfg.model.trust_remote_code, reward=reward), tokenizer
 
 

@@ -33,21 +33,27 @@ def count_params(model: nn.Module) -> ParamCount:
 
 
 def apply_adapter(model: nn.Module, adapter: LoraAdapter | FreezeAdapter | FullAdapter | LlamaProAdapter,
-                  head: str | None = None) -> nn.Module:
+                  head: str | None = None, new_token_ids: list[int] = ()) -> nn.Module:
     """Set requires_grad (and wrap with PEFT for LoRA); returns the model to train. `head` names a new output
-    layer (a reward model's `score`) that always trains in full."""
+    layer (a reward model's `score`) that always trains in full. `new_token_ids`: rows of tokens added to the
+    vocabulary, which must learn (LoRA trains those rows only; freeze trains the embedding matrices)."""
     if isinstance(adapter, LoraAdapter):
-        return _apply_lora(model, adapter, head)
+        return _apply_lora(model, adapter, head, list(new_token_ids))
     if isinstance(adapter, (FreezeAdapter, LlamaProAdapter)):
         _apply_freeze(model, adapter) if isinstance(adapter, FreezeAdapter) else _apply_llama_pro(model, adapter)
         if head:
             getattr(model, head).requires_grad_(True)
+        if new_token_ids:
+            for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if layer is not None:  # a reward model has a score head instead of an output embedding
+                    layer.requires_grad_(True)
         return model
     model.requires_grad_(True)
     return model
 
 
-def _apply_lora(model: nn.Module, adapter: LoraAdapter, head: str | None = None) -> nn.Module:
+def _apply_lora(model: nn.Module, adapter: LoraAdapter, head: str | None = None,
+                new_token_ids: list[int] = ()) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     targets = "all-linear" if adapter.target_modules == "all" else adapter.target_modules
@@ -74,6 +80,7 @@ def _apply_lora(model: nn.Module, adapter: LoraAdapter, head: str | None = None)
                         layers_to_transform=layers, layers_pattern=prefix.rsplit(".", 1)[-1] if layers else None,
                         use_dora=adapter.dora, use_rslora=adapter.rslora,
                         init_lora_weights=True if adapter.init == "default" else adapter.init,
+                        trainable_token_indices=list(new_token_ids) or None,
                         task_type="SEQ_CLS" if head else "CAUSAL_LM")
     return get_peft_model(model, config)
 

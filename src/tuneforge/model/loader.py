@@ -147,6 +147,25 @@ def load_tokenizer(source: ModelSource | str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def add_new_tokens(tokenizer, tokens: list[str]) -> None:
+    """model.new_special_tokens: added as special tokens (never split, kept when decoding chat turns)."""
+    if tokens:
+        tokenizer.add_tokens(list(tokens), special_tokens=True)
+
+
+def new_token_ids(tokenizer, tokens: list[str]) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+
+
+def fit_vocabulary(model, tokenizer, mean_init: bool = True) -> bool:
+    """Grow the embedding (and output) matrices to the tokenizer's size; new rows start at the mean of the
+    old ones (a neutral start). False when nothing had to change."""
+    if len(tokenizer) <= model.get_input_embeddings().num_embeddings:
+        return False
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=mean_init)
+    return True
+
+
 def quantization_problem() -> str | None:
     """Why 4/8-bit loading cannot work here, or None when it can (bitsandbytes on a CUDA GPU)."""
     import importlib.util

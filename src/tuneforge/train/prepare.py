@@ -12,8 +12,8 @@ from tuneforge.data.pipeline import DataBundle, load_data
 from tuneforge.data.template import ChatTemplate, resolve_template
 from tuneforge.errors import ConfigError
 from tuneforge.model.adapters import ParamCount, apply_adapter, count_params, upcast_trainable
-from tuneforge.model.loader import (ModelSource, default_cache_dir, load_model, load_tokenizer, quantization_config,
-                                   resolve_dtype, resolve_model)
+from tuneforge.model.loader import (ModelSource, add_new_tokens, default_cache_dir, fit_vocabulary, load_model,
+                                   load_tokenizer, new_token_ids, quantization_config, resolve_dtype, resolve_model)
 from tuneforge.train.optimizers import check_optimizer_installed
 
 
@@ -43,6 +43,7 @@ def prepare(cfg: TuneForgeConfig) -> Prepared:
     quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))  # unsupported here: say so before loading
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+    add_new_tokens(tokenizer, cfg.model.new_special_tokens)
     template, note = resolve_template(cfg.model.template, tokenizer)
     if template.name != "auto":  # saved with the run, so that chat and export use the trained format
         tokenizer.chat_template = template.jinja
@@ -51,8 +52,9 @@ def prepare(cfg: TuneForgeConfig) -> Prepared:
     return Prepared(source, tokenizer, template, note, data)
 
 
-def build_model(cfg: TuneForgeConfig, source: ModelSource):
-    """Load the weights and make the configured ones trainable (reward models get a new `score` head)."""
+def build_model(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None):
+    """Load the weights and make the configured ones trainable (reward models get a new `score` head).
+    With `tokenizer` holding model.new_special_tokens, the embeddings grow to its size and the new rows train."""
     dtype = resolve_dtype(cfg.model.dtype)
     reward = cfg.method.stage == "rm"
     quantization = quantization_config(cfg.model, dtype)
@@ -63,7 +65,11 @@ def build_model(cfg: TuneForgeConfig, source: ModelSource):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    model = apply_adapter(model, cfg.method.adapter, head="score" if reward else None)
+    new_ids = []
+    if tokenizer is not None and cfg.model.new_special_tokens:
+        fit_vocabulary(model, tokenizer)
+        new_ids = new_token_ids(tokenizer, cfg.model.new_special_tokens)
+    model = apply_adapter(model, cfg.method.adapter, head="score" if reward else None, new_token_ids=new_ids)
     if dtype != torch.float32:
         upcast_trainable(model)
     return model
@@ -79,7 +85,7 @@ def build_reference(cfg: TuneForgeConfig, source: ModelSource):
     return ref.requires_grad_(False).eval()
 
 
-def count_trainable(cfg: TuneForgeConfig, source: ModelSource) -> ParamCount:
+def count_trainable(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None) -> ParamCount:
     """Trainable/total parameters without loading weights (the model is built on the meta device)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -90,4 +96,9 @@ def count_trainable(cfg: TuneForgeConfig, source: ModelSource) -> ParamCount:
     auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    return count_params(apply_adapter(model, cfg.method.adapter, head="score" if reward else None))
+    new_ids = []
+    if tokenizer is not None and cfg.model.new_special_tokens:
+        fit_vocabulary(model, tokenizer, mean_init=False)
+        new_ids = new_token_ids(tokenizer, cfg.model.new_special_tokens)
+    return count_params(apply_adapter(model, cfg.method.adapter, head="score" if reward else None,
+                                      new_token_ids=new_ids))

@@ -40,7 +40,7 @@ def train(config, overrides: list[str] = ()) -> RunResult:
     prepared = prepare(cfg)  # all validation and tokenization happen before the run directory is touched
     print(format_data_report(prepared), flush=True)
     run, checkpoint = prepare_run_dir(cfg)
-    model = build_model(cfg, prepared.source)
+    model = build_model(cfg, prepared.source, prepared.tokenizer)
     print(f"tuneforge: {count_params(model)}", flush=True)
     if moves_base_weights(cfg.method.adapter) and not (run.path / INIT_ADAPTER).exists():
         with warnings.catch_warnings():  # PEFT warns that the base moved: the final save converts for it
@@ -83,7 +83,7 @@ def check(config, overrides: list[str] = ()) -> CheckResult:
     """Run every validation step of `train` (config, model, template, data, adapter) without training."""
     cfg = load_config(config, overrides)
     prepared = prepare(cfg)
-    params = count_trainable(cfg, prepared.source)
+    params = count_trainable(cfg, prepared.source, prepared.tokenizer)
     adapter = cfg.method.adapter
     report = "\n".join([format_data_report(prepared),
                         f"method: stage {cfg.method.stage}, adapter {adapter.type}; {params}",
