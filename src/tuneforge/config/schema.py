@@ -29,6 +29,12 @@ def _all_or_names(value):
     return value if value == "all" else _split_names(value)
 
 
+class MixtureOfDepths(Strict):
+    capacity: float = Field(0.5, gt=0, le=1, description="Share of each sequence's tokens a routed layer processes "
+                            "(the paper uses 0.125; fine-tuning a dense model starts gentler).")
+    layers: list[int] | None = Field(None, description="Decoder layers to route (default: every second, 1, 3, 5, ...).")
+
+
 class ModelConfig(Strict):
     _split = field_validator("new_special_tokens", mode="before")(_split_names)
 
@@ -58,6 +64,10 @@ class ModelConfig(Strict):
     new_special_tokens: list[str] = Field(
         default_factory=list, description="Tokens added to the vocabulary as special tokens (e.g. <tool_call>): the "
         "embedding matrix grows, and the new rows train (with LoRA only those rows, saved with the adapter).")
+    mixture_of_depths: MixtureOfDepths | None = Field(
+        None, description="Mixture-of-Depths: routed layers process only the top `capacity` share of tokens, chosen "
+        "by a trained router (Llama, Mistral, Qwen2/3, Gemma 3 text; full or freeze training; generation runs "
+        "without KV cache).")
     template: str = Field(
         "auto",
         description="Chat template: auto uses the tokenizer's own template (or `empty` if it has none); "
@@ -410,6 +420,10 @@ class TuneForgeConfig(Strict):
         if getattr(optimizer, "layerwise", False) and self.train.gradient_accumulation_steps > 1:
             raise ValueError("method.adapter.optimizer.layerwise updates weights during the backward pass and cannot "
                              "accumulate gradients; set train.gradient_accumulation_steps: 1 or layerwise: false")
+        if self.model.mixture_of_depths and (adapter.type not in ("full", "freeze") or self.method.stage not in
+                                             ("sft", "pt")):
+            raise ValueError("model.mixture_of_depths trains new routers with the layers: use method.adapter.type "
+                             "full or freeze, in stage sft or pt")
         if self.model.quantization_bit and self.method.adapter.type != "lora":
             raise ValueError(f"model.quantization_bit: quantized weights cannot be trained with "
                              f"method.adapter.type {self.method.adapter.type}; use lora (QLoRA) or drop quantization_bit")

@@ -17,6 +17,7 @@ import torch
 
 from tuneforge.config.schema import ModelConfig
 from tuneforge.errors import ModelError
+from tuneforge.model.depth import load_mixture_of_depths
 from tuneforge.model.embedded import embedded_models, locate_embedded
 
 CONVERTED_MARKER = "tuneforge_source.json"
@@ -211,7 +212,9 @@ def load_model(source: ModelSource | str, dtype: torch.dtype = torch.float32, tr
         if reward:
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
                                                                       trust_remote_code=trust_remote_code, **extra)
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **extra)
+        load_mixture_of_depths(model, path)  # a saved Mixture-of-Depths model: routed layers and their routers
+        return model
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise ModelError(f"{path}: this model needs its own Python code. hint: set model.trust_remote_code: "

@@ -12,6 +12,7 @@ from tuneforge.data.pipeline import DataBundle, load_data
 from tuneforge.data.template import ChatTemplate, resolve_template
 from tuneforge.errors import ConfigError
 from tuneforge.model.adapters import ParamCount, apply_adapter, count_params, upcast_trainable
+from tuneforge.model.depth import CONFIG_KEY, ROUTER, apply_mixture_of_depths
 from tuneforge.model.loader import (ModelSource, add_new_tokens, default_cache_dir, fit_vocabulary, load_model,
                                    load_tokenizer, new_token_ids, quantization_config, resolve_dtype, resolve_model)
 from tuneforge.train.optimizers import check_optimizer_installed
@@ -70,6 +71,7 @@ def build_model(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None):
         fit_vocabulary(model, tokenizer)
         new_ids = new_token_ids(tokenizer, cfg.model.new_special_tokens)
     model = apply_adapter(model, cfg.method.adapter, head="score" if reward else None, new_token_ids=new_ids)
+    apply_routing(model, cfg.model.mixture_of_depths)
     if dtype != torch.float32:
         upcast_trainable(model)
     return model
@@ -100,5 +102,17 @@ def count_trainable(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None) -
     if tokenizer is not None and cfg.model.new_special_tokens:
         fit_vocabulary(model, tokenizer, mean_init=False)
         new_ids = new_token_ids(tokenizer, cfg.model.new_special_tokens)
-    return count_params(apply_adapter(model, cfg.method.adapter, head="score" if reward else None,
-                                      new_token_ids=new_ids))
+    model = apply_adapter(model, cfg.method.adapter, head="score" if reward else None, new_token_ids=new_ids)
+    apply_routing(model, cfg.model.mixture_of_depths)
+    return count_params(model)
+
+
+def apply_routing(model, settings) -> None:
+    """model.mixture_of_depths: route the chosen layers (unless the loaded model already was); routers train."""
+    if settings is None:
+        return
+    if not getattr(model.config, CONFIG_KEY, None):
+        apply_mixture_of_depths(model, settings.capacity, settings.layers)
+    for name, p in model.named_parameters():
+        if f".{ROUTER}." in name:
+            p.requires_grad_(True)
