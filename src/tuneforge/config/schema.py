@@ -68,6 +68,9 @@ class ModelConfig(Strict):
         None, description="Mixture-of-Depths: routed layers process only the top `capacity` share of tokens, chosen "
         "by a trained router (Llama, Mistral, Qwen2/3, Gemma 3 text; full or freeze training; generation runs "
         "without KV cache).")
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel: auto (PyTorch's scaled-dot-product attention where the model supports "
+        "it), eager, or flash_attention_2 (CUDA GPUs with the flash-attn package).")
     template: str = Field(
         "auto",
         description="Chat template: auto uses the tokenizer's own template (or `empty` if it has none); "
@@ -338,6 +341,10 @@ class TrainConfig(Strict):
         None, description="Continue a run: `auto` (latest checkpoint in the run directory) or a checkpoint path."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
+    torch_compile: bool = Field(False, description="Compile the model with torch.compile (minutes of compilation "
+                                "first; pays off on long GPU runs).")
+    liger_kernel: bool = Field(False, description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU) on CUDA GPUs; "
+                               "needs the liger-kernel package.")
     report_to: list[Literal["none", "tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["none"], description="Experiment trackers to log to, besides metrics.jsonl."
     )

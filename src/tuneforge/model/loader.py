@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tuneforge.config.schema import ModelConfig
-from tuneforge.errors import ModelError
+from tuneforge.errors import ConfigError, ModelError
 from tuneforge.model.depth import load_mixture_of_depths
 from tuneforge.model.embedded import embedded_models, locate_embedded
 
@@ -167,6 +167,25 @@ def fit_vocabulary(model, tokenizer, mean_init: bool = True) -> bool:
     return True
 
 
+GPU_KERNELS = {"model.attention: flash_attention_2": ("flash_attn", "flash-attn"),
+               "train.liger_kernel": ("liger_kernel", "liger-kernel")}
+
+
+def check_kernels(attention: str, liger: bool) -> None:
+    """FlashAttention and Liger kernels run on CUDA GPUs with their packages; say so before loading anything."""
+    import importlib.util
+
+    asked = {"model.attention: flash_attention_2": attention == "flash_attention_2", "train.liger_kernel": liger}
+    for key, (module, package) in GPU_KERNELS.items():
+        if not asked[key]:
+            continue
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key} needs a CUDA GPU and none is visible. hint: remove it on this machine "
+                              "(sdpa attention and the default kernels are used)")
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{key} needs the {package} package. hint: pip install {package}")
+
+
 def quantization_problem() -> str | None:
     """Why 4/8-bit loading cannot work here, or None when it can (bitsandbytes on a CUDA GPU)."""
     import importlib.util
@@ -199,15 +218,16 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
 
 
 def load_model(source: ModelSource | str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               reward: bool = False, quantization=None):
+               reward: bool = False, quantization=None, attention: str = "auto"):
     """A causal LM, or with `reward` the same body with a one-output `score` head (reward models).
-    `quantization` (a BitsAndBytesConfig) loads the weights in 4/8 bits on the current CUDA device."""
+    `quantization` (a BitsAndBytesConfig) loads the weights in 4/8 bits on the current CUDA device;
+    `attention` picks the attention kernel (model.attention)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = source.path if isinstance(source, ModelSource) else source
-    extra = {}
+    extra = {} if attention == "auto" else {"attn_implementation": attention}
     if quantization is not None:
-        extra = {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
+        extra.update(quantization_config=quantization, device_map={"": torch.cuda.current_device()})
     try:
         if reward:
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,

@@ -13,8 +13,9 @@ from tuneforge.data.template import ChatTemplate, resolve_template
 from tuneforge.errors import ConfigError
 from tuneforge.model.adapters import ParamCount, apply_adapter, count_params, upcast_trainable
 from tuneforge.model.depth import CONFIG_KEY, ROUTER, apply_mixture_of_depths
-from tuneforge.model.loader import (ModelSource, add_new_tokens, default_cache_dir, fit_vocabulary, load_model,
-                                   load_tokenizer, new_token_ids, quantization_config, resolve_dtype, resolve_model)
+from tuneforge.model.loader import (ModelSource, add_new_tokens, check_kernels, default_cache_dir, fit_vocabulary,
+                                   load_model, load_tokenizer, new_token_ids, quantization_config, resolve_dtype,
+                                   resolve_model)
 from tuneforge.train.optimizers import check_optimizer_installed
 
 
@@ -41,6 +42,7 @@ def check_trackers(report_to: list[str]) -> None:
 def prepare(cfg: TuneForgeConfig) -> Prepared:
     check_trackers(cfg.train.report_to)
     check_optimizer_installed(getattr(cfg.method.adapter, "optimizer", None))
+    check_kernels(cfg.model.attention, cfg.train.liger_kernel)
     quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))  # unsupported here: say so before loading
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
@@ -59,7 +61,8 @@ def build_model(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None):
     dtype = resolve_dtype(cfg.model.dtype)
     reward = cfg.method.stage == "rm"
     quantization = quantization_config(cfg.model, dtype)
-    model = load_model(source, dtype, cfg.model.trust_remote_code, reward=reward, quantization=quantization)
+    model = load_model(source, dtype, cfg.model.trust_remote_code, reward=reward, quantization=quantization,
+                       attention=cfg.model.attention)
     if reward and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     if quantization is not None:  # QLoRA: norms in float32, inputs that carry gradients into the adapters
