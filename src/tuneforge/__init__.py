@@ -19,7 +19,7 @@ def __getattr__(name):  # lazy: `import tuneforge` stays fast and torch-free unt
 
         return train
     if name == "check":
-        from tuneforge.train.run import check
+        from tuneforge.train.check import check
 
         return check
     if name == "Engine":

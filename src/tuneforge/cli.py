@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+        if name == "check":
+            p.add_argument("--measure", type=int, default=0, metavar="STEPS",
+                           help="also train STEPS steps (plus a warm-up step) to time an epoch and measure peak memory")
         p.set_defaults(func=func)
     p = sub.add_parser("chat", help="talk to a run directory or a model", description="Chat with a fine-tuned run "
                        "directory or any model TuneForge can load. Commands in the chat: /clear, /exit.")
@@ -102,9 +105,9 @@ def _train(args) -> int:
 
 
 def _check(args) -> int:
-    from tuneforge.train.run import check
+    from tuneforge.train.check import check
 
-    print(check(args.config, args.overrides).report)
+    print(check(args.config, args.overrides, measure_steps=args.measure).report)
     print("check: ok")
     return 0
 

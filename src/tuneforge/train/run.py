@@ -14,11 +14,11 @@ from tuneforge.config import TuneForgeConfig, load_config
 from tuneforge.config.schema import BadamOptimizer
 from tuneforge.data.collate import KTOCollator, PackedCollator, PadCollator, PairCollator
 from tuneforge.data.template import stop_token_ids
-from tuneforge.model.adapters import ParamCount, count_params, moves_base_weights
+from tuneforge.model.adapters import count_params, moves_base_weights
 from tuneforge.train.callbacks import GracefulStop, MetricsCallback
 from tuneforge.train.optimizers import low_rank_training_args
 from tuneforge.train.preference_trainer import DPOTrainer, KTOTrainer, RewardTrainer
-from tuneforge.train.prepare import Prepared, build_model, build_reference, count_trainable, prepare
+from tuneforge.train.prepare import Prepared, build_model, build_reference, prepare
 from tuneforge.train.report import format_data_report
 from tuneforge.rundir import RunDir, prepare_run_dir
 from tuneforge.train.trainer import TuneForgeTrainer
@@ -70,25 +70,6 @@ def train(config, overrides: list[str] = ()) -> RunResult:
         print(f"tuneforge: interrupted at step {trainer.state.global_step}; continue with "
               f"`tuneforge train {run.path / 'config.yaml'} train.resume_from_checkpoint=auto`", flush=True)
     return RunResult(run.path, status, metrics)
-
-
-@dataclass
-class CheckResult:
-    prepared: Prepared
-    params: ParamCount
-    report: str
-
-
-def check(config, overrides: list[str] = ()) -> CheckResult:
-    """Run every validation step of `train` (config, model, template, data, adapter) without training."""
-    cfg = load_config(config, overrides)
-    prepared = prepare(cfg)
-    params = count_trainable(cfg, prepared.source, prepared.tokenizer)
-    adapter = cfg.method.adapter
-    report = "\n".join([format_data_report(prepared),
-                        f"method: stage {cfg.method.stage}, adapter {adapter.type}; {params}",
-                        f"output: {cfg.output.run_dir}"])
-    return CheckResult(prepared, params, report)
 
 
 TRAINERS = {"sft": TuneForgeTrainer, "pt": TuneForgeTrainer, "rm": RewardTrainer, "dpo": DPOTrainer,

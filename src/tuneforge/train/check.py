@@ -1,0 +1,85 @@
+"""`tuneforge check`: every validation step of `train` without training, a memory estimate, and on request a few
+measured training steps (time per epoch, peak memory) in a throw-away run directory."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+from tuneforge.config import TuneForgeConfig, load_config
+from tuneforge.model.adapters import ParamCount
+from tuneforge.rundir import prepare_run_dir
+from tuneforge.train.estimate import (GIB, Measurement, MemoryEstimate, available_memory, estimate_memory,
+                                      peak_memory)
+from tuneforge.train.prepare import Prepared, build_model, build_reference, count_trainable, prepare
+from tuneforge.train.report import format_data_report
+
+
+@dataclass
+class CheckResult:
+    prepared: Prepared
+    params: ParamCount
+    memory: MemoryEstimate
+    report: str
+    measured: Measurement | None = None
+
+
+def check(config, overrides: list[str] = (), measure_steps: int = 0) -> CheckResult:
+    """Validate config, model, template, data and adapter as `train` does; estimate peak memory; with
+    `measure_steps`, train that many steps (plus one warm-up) on the real data to time an epoch."""
+    cfg = load_config(config, overrides)
+    prepared = prepare(cfg)
+    params = count_trainable(cfg, prepared.source, prepared.tokenizer)
+    memory = estimate_memory(cfg, _model_config(cfg, prepared), params, *_data_shape(prepared))
+    free, where = available_memory()
+    lines = [format_data_report(prepared),
+             f"method: stage {cfg.method.stage}, adapter {cfg.method.adapter.type}; {params}",
+             f"memory estimate: {memory}; {free / GIB:.1f} GiB {where}"]
+    if memory.total > free:
+        lines.append("warning: the run will probably not fit. hint: lower train.batch_size (raise "
+                     "train.gradient_accumulation_steps to keep the effective batch), lower data.cutoff_len, turn on "
+                     "train.gradient_checkpointing, or use LoRA")
+    measured = None
+    if measure_steps and cfg.method.stage != "ppo":
+        measured = measure(cfg, prepared, measure_steps)
+        error = (memory.total - measured.peak_bytes) / measured.peak_bytes
+        lines.append(f"measured: {measured} (the estimate is {error:+.0%} off)")
+    elif measure_steps:
+        lines.append("measured: not available for stage ppo (rollouts vary in length)")
+    lines.append(f"output: {cfg.output.run_dir}")
+    return CheckResult(prepared, params, memory, "\n".join(lines), measured)
+
+
+def _model_config(cfg: TuneForgeConfig, prepared: Prepared):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(prepared.source.path, trust_remote_code=cfg.model.trust_remote_code)
+    return getattr(config, "text_config", None) or config
+
+
+def _data_shape(prepared: Prepared) -> tuple[int, float]:
+    """Longest training sequence and the share of supervised tokens."""
+    stats = prepared.data.train.stats()
+    return stats["max"], stats.get("supervised_tokens", 0) / max(stats["tokens"], 1)
+
+
+def measure(cfg: TuneForgeConfig, prepared: Prepared, steps: int) -> Measurement:
+    """Train `steps` + 1 optimizer steps on the configured data in a temporary run directory; the first step is
+    warm-up. Throughput comes from the trainer's own token counts, so batches of any length average out."""
+    from tuneforge.train.run import build_trainer
+
+    with tempfile.TemporaryDirectory(prefix="tuneforge-check-") as tmp:
+        trial = cfg.model_copy(deep=True)
+        trial.output.run_dir, trial.output.overwrite, trial.output.plot_loss = tmp, True, False
+        trial.train.max_steps, trial.train.logging_steps, trial.train.save_steps = steps + 1, 1, 10 ** 9
+        trial.train.resume_from_checkpoint = None
+        run, _ = prepare_run_dir(trial)
+        model = build_model(trial, prepared.source, prepared.tokenizer)
+        trainer, _ = build_trainer(trial, model, prepared, run, build_reference(trial, prepared.source))
+        trainer.args.eval_strategy = "no"
+        trainer.train()
+        speeds = [log["tokens_per_second"] for log in trainer.state.log_history if "tokens_per_second" in log][1:]
+    tokens_per_second = sum(speeds) / max(len(speeds), 1)
+    stats = prepared.data.train.stats()
+    epoch = stats["tokens"] * (2 if cfg.method.stage in ("rm", "dpo", "kto") else 1) / max(tokens_per_second, 1e-9)
+    return Measurement(len(speeds), tokens_per_second, epoch, peak_memory())

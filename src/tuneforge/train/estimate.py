@@ -1,0 +1,138 @@
+"""What a run will need before it starts: peak memory from the model's shape and the config, and (on request)
+time per epoch and peak memory measured over a few real training steps.
+
+The memory model counts weights, gradients and optimizer states of the trainable parameters, the activations
+that backpropagation keeps per token of the largest batch, the logits at supervised positions, and a fixed
+process overhead. Its activation term is an approximation of what a decoder block saves for its backward pass
+(normalisations, projections' inputs, attention, gated MLP), in the training dtype; `tuneforge check --measure`
+reports how far it is from a measured peak on the machine at hand.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from tuneforge.config import TuneForgeConfig
+from tuneforge.model.adapters import ParamCount
+
+GIB = 1024 ** 3
+PROCESS_OVERHEAD = int(0.7 * GIB)  # Python, torch, transformers and the data in a training process (CPU, measured)
+PAIR_STAGES = {"rm": 2, "dpo": 2, "kto": 2}  # sequences per row: chosen + rejected, answer + mismatched KL pair
+
+
+@dataclass
+class MemoryEstimate:
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    overhead: int
+    tokens: int  # tokens in the largest forward pass
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{name} {getattr(self, name) / GIB:.2f}" for name in
+                          ("weights", "gradients", "optimizer", "activations", "overhead"))
+        return f"~{self.total / GIB:.2f} GiB peak ({parts} GiB; {self.tokens:,} tokens in the largest batch)"
+
+
+def estimate_memory(cfg: TuneForgeConfig, model_config, params: ParamCount, longest: int,
+                    supervised_share: float) -> MemoryEstimate:
+    """`longest`: tokens of the longest training sequence; `supervised_share`: share of tokens with a loss."""
+    t, adapter = cfg.train, cfg.method.adapter
+    width = 4 if cfg.model.dtype in ("auto", "float32") and not torch.cuda.is_available() else 2
+    weight_bytes = 0.5 if cfg.model.quantization_bit == 4 else 1 if cfg.model.quantization_bit == 8 else width
+    weights = params.total * weight_bytes
+    if cfg.method.stage in ("dpo", "kto", "ppo") and adapter.type != "lora":
+        weights *= 2  # a frozen reference copy
+    gradients = params.trainable * 4  # trainable weights are kept in float32
+    optimizer = _optimizer_bytes(cfg, model_config, params)
+    sequences = t.batch_size * PAIR_STAGES.get(cfg.method.stage, 1)
+    tokens = sequences * min(longest, cfg.data.cutoff_len)
+    activations = _activation_bytes(cfg, model_config, tokens, longest, supervised_share, width)
+    return MemoryEstimate(int(weights), int(gradients), int(optimizer), int(activations), PROCESS_OVERHEAD, tokens)
+
+
+def _optimizer_bytes(cfg: TuneForgeConfig, model_config, params: ParamCount) -> float:
+    optimizer = getattr(cfg.method.adapter, "optimizer", None)
+    states = 0 if cfg.train.optim.startswith("sgd") else 2  # AdamW: two float32 moments per trainable weight
+    if optimizer is None:
+        return params.trainable * 4 * states
+    h, layers = model_config.hidden_size, model_config.num_hidden_layers
+    block = 4 * h * h + 3 * h * model_config.intermediate_size  # weights of one decoder block (approximate)
+    if optimizer.name == "badam":
+        return block * 4 * 2
+    projected = layers * block
+    low_rank = layers * 7 * optimizer.rank * max(h, model_config.intermediate_size)  # states live in rank space
+    return (params.trainable - projected + low_rank) * 4 * 2
+
+
+def _activation_bytes(cfg: TuneForgeConfig, c, tokens: int, longest: int, supervised_share: float,
+                      width: int) -> float:
+    h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or h // heads
+    # per token and block: norms' inputs, q/k/v/o inputs and outputs, attention output, gated MLP tensors
+    per_token = 10 * h + 4 * kv * head_dim + 5 * inter
+    if cfg.model.attention == "eager":
+        per_token += 2 * heads * min(longest, cfg.data.cutoff_len)  # attention probabilities are kept
+    kept_layers = _layers_with_gradients(cfg, layers)
+    if cfg.train.gradient_checkpointing:  # only each block's input, plus one block recomputed at a time
+        blocks = kept_layers * h + per_token
+    else:
+        blocks = kept_layers * per_token
+    supervised = tokens if cfg.method.stage == "pt" else tokens * supervised_share
+    logits = supervised * c.vocab_size * 3  # logits, their log-softmax and its gradient (float32)
+    return tokens * blocks * width + logits * 4
+
+
+def _layers_with_gradients(cfg: TuneForgeConfig, layers: int) -> int:
+    """Backpropagation stops at the first block that trains (LoRA last_layers, freeze last N)."""
+    adapter = cfg.method.adapter
+    if adapter.type == "lora" and adapter.last_layers:
+        return min(adapter.last_layers, layers)
+    if adapter.type == "freeze" and adapter.trainable_layers > 0 and not adapter.extra_modules:
+        return min(adapter.trainable_layers, layers)
+    return layers
+
+
+def available_memory() -> tuple[int, str]:
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free, f"free on GPU {torch.cuda.get_device_name()}"
+    import psutil
+
+    return psutil.virtual_memory().available, "available RAM"
+
+
+@dataclass
+class Measurement:
+    steps: int
+    tokens_per_second: float
+    epoch_seconds: float
+    peak_bytes: int
+
+    def __str__(self) -> str:
+        return (f"{self.peak_bytes / GIB:.2f} GiB peak, {self.tokens_per_second:.0f} tokens/s over {self.steps} "
+                f"steps after a warm-up step: about {format_duration(self.epoch_seconds)} per epoch")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def peak_memory() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss if sys.platform == "darwin" else rss * 1024
