@@ -1,0 +1,266 @@
+"""TuneForge vs LLaMA-Factory on identical LoRA work, in one invocation.
+
+    python bench/train_speed.py --rows 400 --dev 200
+    python bench/train_speed.py --models smollm2-135m-instruct --rows 200 --lf-variants default,no_checkpointing
+
+Work, the same for both: LoRA rank 8 (alpha 16, no dropout) on every linear layer of the decoder blocks, fp32,
+the first --rows rows of data/reviews_zh_train.jsonl as alpaca rows (instruction "判断这条商品评论的情感：好评输出1，
+差评输出0", input the review, output 1 or 0), cutoff 256, batch 8, one epoch, the same learning rate and schedule,
+the same converted model folder. LLaMA-Factory is installed the way a user would (`pip install llamafactory`)
+into a throw-away virtual environment under ~/.cache/tuneforge/bench (kept for later runs), with its defaults
+(gradient checkpointing on; `--lf-variants no_checkpointing` adds a run without it).
+
+Printed per model and framework: training rows/s and supervised tokens/s (from each trainer's train_runtime,
+so model loading and tokenization are excluded), tokens/s (real tokens, padding not counted), peak RSS of the
+training process, final train loss, dev accuracy (both adapters scored by the same TuneForge label scorer on the
+first --dev rows of reviews_zh_dev, balanced), and model FLOPs utilisation against the fp32 matmul peak that the
+script measures first. Useful FLOPs per token are counted the same way for both: 4 x the decoder blocks' weights
+per real token (forward, and the backward pass through frozen weights) plus 4 x hidden x vocabulary per
+supervised token (the LM head where a loss is taken). Not a test: the figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMAFACTORY = "llamafactory==0.9.5"
+VENV = Path.home() / ".cache" / "tuneforge" / "bench" / "llamafactory-venv"
+INSTRUCTION = "判断这条商品评论的情感：好评输出1，差评输出0"
+TEMPLATES = {"smollm2-135m-instruct": ("chatml", "chatml"), "gemma3-270m": ("gemma", "gemma2")}  # TuneForge, LF
+
+
+@dataclass
+class Result:
+    framework: str
+    runtime: float  # train_runtime reported by the trainer, seconds
+    wall: float  # the whole command, seconds
+    peak_rss: int
+    train_loss: float
+    accuracy: float = float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
+    parser.add_argument("--rows", type=int, default=400, help="first N training rows")
+    parser.add_argument("--dev", type=int, default=200, help="dev rows scored after training")
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--lf-variants", default="default", help="default and/or no_checkpointing")
+    parser.add_argument("--venv", type=Path, default=VENV, help="LLaMA-Factory's virtual environment")
+    parser.add_argument("--work", type=Path, default=None, help="folder for data and runs (default: a temp dir)")
+    args = parser.parse_args()
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="tuneforge-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cli = ensure_llamafactory(args.venv)
+    data_dir = write_data(work / "data", args.rows, args.dev)
+    peak = matmul_peak_gflops()
+    print(f"fp32 matmul peak of this machine: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
+    table = []
+    for model in args.models.split(","):
+        results, work_per_row = run_model(model, args, cli, data_dir, work)
+        table.append((model, results, work_per_row))
+    print_table(table, args.rows, peak)
+
+
+def ensure_llamafactory(venv: Path) -> Path:
+    """pip install llamafactory into its own venv with this machine's torch build pinned; torchvision's CUDA
+    build breaks transformers' import on CPU (removed), torchaudio is imported by LLaMA-Factory but only used for
+    audio data, so its CUDA libraries are removed and the Python part stays."""
+    cli = venv / "bin" / "llamafactory-cli"
+    if cli.exists():
+        return cli
+    print(f"installing {LLAMAFACTORY} into {venv} (a few minutes, once)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    constraints = venv / "constraints.txt"
+    constraints.write_text(f"torch=={torch.__version__.split('+')[0]}\n")
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["-c", str(constraints), LLAMAFACTORY], check=True)
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-q", "-y", "torchvision"], check=True)
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    for lib in (Path(site) / "torchaudio" / "lib").glob("*.so"):
+        lib.unlink()
+    return cli
+
+
+def write_data(folder: Path, rows: int, dev: int) -> Path:
+    """The same alpaca files and dataset_info.json for both frameworks; dev rows balanced between labels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train = [json.loads(x) for x in (REPO / "data" / "reviews_zh_train.jsonl").open(encoding="utf-8")][:rows]
+    dev_rows = [json.loads(x) for x in (REPO / "data" / "reviews_zh_dev.jsonl").open(encoding="utf-8")]
+    by_label = [[r for r in dev_rows if r["label"] == k] for k in (0, 1)]
+    dev_rows = [r for pair in zip(*by_label) for r in pair][:dev]
+    info = {}
+    for name, part in (("bench_train", train), ("bench_dev", dev_rows)):
+        alpaca = [{"instruction": INSTRUCTION, "input": r["text"], "output": str(r["label"])} for r in part]
+        (folder / f"{name}.json").write_text(json.dumps(alpaca, ensure_ascii=False), encoding="utf-8")
+        info[name] = {"file_name": f"{name}.json"}
+    (folder / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    positives = sum(r["label"] for r in train)
+    print(f"data: {len(train)} training rows ({positives} positive), {len(dev_rows)} dev rows (balanced)", flush=True)
+    return folder
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def run_tracked(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> tuple[float, int]:
+    """Run a command, its output to `log`; wall seconds and the peak resident memory of its process tree."""
+    start, peak = time.perf_counter(), 0
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        ps = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                peak = max(peak, sum(p.memory_info().rss for p in [ps] + ps.children(recursive=True)))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+    if proc.returncode:
+        raise SystemExit(f"{cmd[0]} failed (exit {proc.returncode}); see {log}")
+    return time.perf_counter() - start, peak
+
+
+def run_model(model: str, args, cli: Path, data_dir: Path, work: Path):
+    from tuneforge.config import ModelConfig
+    from tuneforge.model.loader import resolve_model
+
+    path = resolve_model(ModelConfig(name_or_path=model)).path  # the converted folder both frameworks load
+    tf_template, lf_template = TEMPLATES[model]
+    results = [run_tuneforge(model, tf_template, data_dir, work / f"tf-{model}", args)]
+    for variant in args.lf_variants.split(","):
+        results.append(run_llamafactory(cli, path, lf_template, data_dir, work / f"lf-{model}-{variant}", args,
+                                        checkpointing=variant == "default"))
+    targets = [work / f"tf-{model}"] + [work / f"lf-{model}-{v}" for v in args.lf_variants.split(",")]
+    for r, target in zip(results, targets):
+        r.accuracy = dev_accuracy(target, path, tf_template, data_dir, args.dev)
+        print(f"  {r.framework}: dev accuracy {r.accuracy:.3f}", flush=True)
+    return results, work_per_row(model, path, tf_template, data_dir, args.rows)
+
+
+def run_tuneforge(model: str, template: str, data_dir: Path, out: Path, args) -> Result:
+    config = {
+        "model": {"name_or_path": model, "template": template},
+        "data": {"dataset": "bench_train", "dataset_dir": str(data_dir), "cutoff_len": 256},
+        "method": {"stage": "sft", "adapter": {"type": "lora", "rank": 8, "alpha": 16, "target_modules": "all"}},
+        "train": {"num_epochs": 1, "batch_size": 8, "learning_rate": args.learning_rate, "lr_scheduler": "cosine",
+                  "logging_steps": 5, "save_steps": 100000, "seed": 42},
+        "output": {"run_dir": str(out), "overwrite": True, "plot_loss": False},
+    }
+    cfg_path = out.with_suffix(".yaml")
+    cfg_path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    print(f"{model}: TuneForge training", flush=True)
+    wall, rss = run_tracked([sys.executable, "-m", "tuneforge", "train", str(cfg_path)], out.with_suffix(".log"))
+    metrics = json.loads((out / "run.json").read_text())["metrics"]
+    return Result("TuneForge", metrics["train_runtime"], wall, rss, metrics["train_loss"])
+
+
+def run_llamafactory(cli: Path, path: str, template: str, data_dir: Path, out: Path, args,
+                     checkpointing: bool) -> Result:
+    config = {
+        "model_name_or_path": path, "trust_remote_code": False, "stage": "sft", "do_train": True,
+        "finetuning_type": "lora", "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target": "all",
+        "dataset_dir": str(data_dir), "dataset": "bench_train", "template": template, "cutoff_len": 256,
+        "overwrite_cache": True, "preprocessing_num_workers": 1, "output_dir": str(out), "logging_steps": 5,
+        "save_strategy": "no", "plot_loss": False, "overwrite_output_dir": True, "report_to": "none",
+        "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": args.learning_rate,
+        "num_train_epochs": 1.0, "lr_scheduler_type": "cosine", "bf16": False, "fp16": False, "seed": 42,
+    }
+    if not checkpointing:
+        config["disable_gradient_checkpointing"] = True
+    cfg_path = out.with_suffix(".yaml")
+    cfg_path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("VIRTUAL_ENV", None)
+    name = "LLaMA-Factory" + ("" if checkpointing else " (no checkpointing)")
+    print(f"{Path(path).name}: {name} training", flush=True)
+    wall, rss = run_tracked([str(cli), "train", str(cfg_path)], out.with_suffix(".log"), env=env, cwd=out.parent)
+    metrics = json.loads((out / "all_results.json").read_text())
+    return Result(name, metrics["train_runtime"], wall, rss, metrics["train_loss"])
+
+
+def dev_accuracy(target: Path, base_path: str, template: str, data_dir: Path, dev: int) -> float:
+    """Score both labels for each dev row with TuneForge's scorer: a TuneForge run directory, or a LLaMA-Factory
+    output folder (a PEFT adapter on the same base)."""
+    from peft import PeftModel
+
+    from tuneforge.config import DataConfig
+    from tuneforge.data.pipeline import load_examples
+    from tuneforge.data.template import resolve_template
+    from tuneforge.evaluate.predict import predict, split_answers
+    from tuneforge.infer.engine import Engine
+    from tuneforge.model.loader import load_model, load_tokenizer
+
+    if (target / "run.json").exists():
+        engine = Engine.from_run(target)
+    else:
+        tokenizer = load_tokenizer(base_path)
+        chat, _ = resolve_template(template, tokenizer)
+        tokenizer.chat_template = chat.jinja
+        model = PeftModel.from_pretrained(load_model(base_path), str(target))
+        engine = Engine(model, tokenizer, list(chat.stop), f"LLaMA-Factory adapter {target}")
+    spec, conversion = load_examples("bench_dev", DataConfig(dataset=["bench_dev"], dataset_dir=str(data_dir)), dev)
+    prompts, references = split_answers(conversion.examples, spec.name)
+    result = predict(engine, prompts, references, mode="score", labels=["0", "1"], progress=False)
+    return result.metrics["accuracy"]
+
+
+def work_per_row(model: str, path: str, template: str, data_dir: Path, rows: int) -> tuple[float, float, float]:
+    """(real tokens, supervised tokens, useful FLOPs) per training row, from TuneForge's tokenization."""
+    from transformers import AutoConfig
+
+    from tuneforge.config import load_config
+    from tuneforge.train.prepare import prepare
+
+    cfg = load_config({"model": {"name_or_path": model, "template": template},
+                       "data": {"dataset": "bench_train", "dataset_dir": str(data_dir), "cutoff_len": 256}})
+    stats = prepare(cfg).data.train.stats()
+    c = AutoConfig.from_pretrained(path)
+    c = getattr(c, "text_config", None) or c
+    heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    block = (c.hidden_size * head_dim * (2 * heads + 2 * kv) + 3 * c.hidden_size * c.intermediate_size)
+    flops = 4 * block * c.num_hidden_layers * stats["tokens"] + 4 * c.hidden_size * c.vocab_size * stats["supervised_tokens"]
+    n = stats["sequences"]
+    return stats["tokens"] / n, stats["supervised_tokens"] / n, flops / n
+
+
+def print_table(table, rows: int, peak: float) -> None:
+    header = (f"{'model':<24}{'framework':<34}{'rows/s':>8}{'sup tok/s':>11}{'tok/s':>8}{'peak RSS':>10}"
+              f"{'loss':>8}{'dev acc':>9}{'MFU':>7}{'wall s':>8}")
+    print("\n" + header + "\n" + "-" * len(header))
+    for model, results, (tokens, supervised, flops) in table:
+        for r in results:
+            rows_s = rows / r.runtime
+            print(f"{model:<24}{r.framework:<34}{rows_s:>8.2f}{rows_s * supervised:>11.1f}{rows_s * tokens:>8.0f}"
+                  f"{r.peak_rss / 2 ** 30:>8.2f}GB{r.train_loss:>8.3f}{r.accuracy:>9.3f}"
+                  f"{rows_s * flops / (peak * 1e9):>7.1%}{r.wall:>8.0f}")
+        for r in results[1:]:
+            print(f"{'':<24}TuneForge / {r.framework}: {r.runtime / results[0].runtime:.2f}x rows/s")
+    print(f"\nMFU: useful model FLOPs per second over the measured fp32 matmul peak ({peak:.1f} GFLOP/s).")
+
+
+if __name__ == "__main__":
+    main()
