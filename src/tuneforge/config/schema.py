@@ -200,27 +200,25 @@ OPTIMIZER_DOC = ("galore: Adam states kept for low-rank projections of the gradi
 LOW_RANK_TARGETS_DOC = "Linear layers whose gradients are projected: `all` (every linear layer of the decoder blocks) or names."
 
 
-class GaloreOptimizer(Strict):
-    name: Literal["galore"] = Field(description=OPTIMIZER_DOC)
-    rank: int = Field(16, ge=1, description="Rank of the gradient projection (memory grows with it).")
-    update_interval: int = Field(200, ge=1, description="Optimizer steps between recomputations of the projection.")
-    scale: float = Field(0.25, gt=0, description="Scale of the projected update (GaLore's alpha).")
+class _LowRankOptimizer(Strict):
+    rank: int = Field(16, ge=1, description="Rank of the low-rank space the optimizer states live in (memory grows "
+                      "with it).")
+    update_interval: int = Field(200, ge=1, description="Optimizer steps between new projections.")
     target_modules: list[str] | Literal["all"] = Field("all", description=LOW_RANK_TARGETS_DOC)
     layerwise: bool = Field(False, description="Update each weight right after its gradient is ready (less memory; "
-                            "no gradient accumulation, one GPU/CPU process).")
+                            "no gradient accumulation, one process).")
 
     _all_or_split = field_validator("target_modules", mode="before")(_all_or_names)
 
 
-class ApolloOptimizer(Strict):
+class GaloreOptimizer(_LowRankOptimizer):
+    name: Literal["galore"] = Field(description=OPTIMIZER_DOC)
+    scale: float = Field(0.25, gt=0, description="Scale of the projected update (GaLore's alpha).")
+
+
+class ApolloOptimizer(_LowRankOptimizer):
     name: Literal["apollo"] = Field(description=OPTIMIZER_DOC)
-    rank: int = Field(16, ge=1, description="Rank of the auxiliary low-rank space.")
-    update_interval: int = Field(200, ge=1, description="Optimizer steps between new random projections.")
     scale: float = Field(1.0, gt=0, description="Scale of the update.")
-    target_modules: list[str] | Literal["all"] = Field("all", description=LOW_RANK_TARGETS_DOC)
-    layerwise: bool = Field(False, description="Update each weight right after its gradient is ready.")
-
-    _all_or_split = field_validator("target_modules", mode="before")(_all_or_names)
 
 
 class BadamOptimizer(Strict):
