@@ -61,7 +61,7 @@ def test_dtype_auto_is_float32_on_cpu():
 
 def test_quantization_is_refused_with_a_hint_where_unsupported(tiny_config):
     from tuneforge.model.loader import quantization_problem
-    from tuneforge.train.run import check
+    from tuneforge.train.check import check
 
     tiny_config["model"]["quantization_bit"] = 4
     if quantization_problem() is None:

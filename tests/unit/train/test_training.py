@@ -11,7 +11,8 @@ from transformers import TrainerCallback
 from tuneforge.config import load_config
 from tuneforge.errors import ConfigError
 from tuneforge.train.prepare import build_model, prepare
-from tuneforge.train.run import build_trainer, check, train
+from tuneforge.train.check import check
+from tuneforge.train.run import build_trainer, train
 from tuneforge.rundir import prepare_run_dir
 
 
