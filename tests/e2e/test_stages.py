@@ -65,7 +65,7 @@ def test_ppo_mean_reward_rises(reward_run, toy, tmp_path):
     run = tmp_path / "ppo"
     tuneforge("train", "examples/ppo_smollm2.yaml", f"data.dataset_dir={toy}", "data.dataset=pairs",
               "data.max_samples=null", f"method.reward_model={rm}", "method.max_new_tokens=6",
-              "train.max_steps=12", "train.batch_size=4", "train.learning_rate=2e-4", f"output.run_dir={run}")
+              "train.max_steps=12", "train.batch_size=8", "train.learning_rate=2e-4", f"output.run_dir={run}")
     meta = json.loads((run / "run.json").read_text())
     assert meta["status"] == "completed"
     assert meta["metrics"]["reward_last_quarter"] > meta["metrics"]["reward_first_quarter"]
