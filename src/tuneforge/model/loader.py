@@ -158,13 +158,11 @@ def new_token_ids(tokenizer, tokens: list[str]) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
 
 
-def fit_vocabulary(model, tokenizer, mean_init: bool = True) -> bool:
-    """Grow the embedding (and output) matrices to the tokenizer's size; new rows start at the mean of the
-    old ones (a neutral start). False when nothing had to change."""
-    if len(tokenizer) <= model.get_input_embeddings().num_embeddings:
-        return False
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=mean_init)
-    return True
+def fit_vocabulary(model, tokenizer, mean_init: bool = True) -> None:
+    """Grow the embedding (and output) matrices to the tokenizer's size, if smaller; new rows start at the mean
+    of the old ones (a neutral start)."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=mean_init)
 
 
 GPU_KERNELS = {"model.attention: flash_attention_2": ("flash_attn", "flash-attn"),

@@ -69,12 +69,7 @@ def build_model(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
-    new_ids = []
-    if tokenizer is not None and cfg.model.new_special_tokens:
-        fit_vocabulary(model, tokenizer)
-        new_ids = new_token_ids(tokenizer, cfg.model.new_special_tokens)
-    model = apply_adapter(model, cfg.method.adapter, head="score" if reward else None, new_token_ids=new_ids)
-    apply_routing(model, cfg.model.mixture_of_depths)
+    model = make_trainable(cfg, model, tokenizer)
     if dtype != torch.float32:
         upcast_trainable(model)
     return model
@@ -101,13 +96,19 @@ def count_trainable(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None) -
     auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    return count_params(make_trainable(cfg, model, tokenizer))
+
+
+def make_trainable(cfg: TuneForgeConfig, model, tokenizer=None):
+    """Grow the vocabulary for model.new_special_tokens, apply the adapter, route Mixture-of-Depths layers."""
     new_ids = []
     if tokenizer is not None and cfg.model.new_special_tokens:
-        fit_vocabulary(model, tokenizer, mean_init=False)
+        fit_vocabulary(model, tokenizer, mean_init=model.device.type != "meta")  # meta: shapes only
         new_ids = new_token_ids(tokenizer, cfg.model.new_special_tokens)
-    model = apply_adapter(model, cfg.method.adapter, head="score" if reward else None, new_token_ids=new_ids)
+    model = apply_adapter(model, cfg.method.adapter, head="score" if cfg.method.stage == "rm" else None,
+                          new_token_ids=new_ids)
     apply_routing(model, cfg.model.mixture_of_depths)
-    return count_params(model)
+    return model
 
 
 def apply_routing(model, settings) -> None:
