@@ -61,11 +61,14 @@ def test_kto_margin_grows(toy, tmp_path):
 
 
 def test_ppo_mean_reward_rises(reward_run, toy, tmp_path):
+    # Two-token answers: the reward model's verdict hinges on the first word ("Yes" or not), so the policy has
+    # one clear thing to learn. With six tokens SmolLM2's samples ramble and the 12-step trend was within noise
+    # (one clean-clone run: 0.99 in the first quarter, 0.97 in the last); with two it rose in every seed tried.
     rm, _ = reward_run
     run = tmp_path / "ppo"
     tuneforge("train", "examples/ppo_smollm2.yaml", f"data.dataset_dir={toy}", "data.dataset=pairs",
-              "data.max_samples=null", f"method.reward_model={rm}", "method.max_new_tokens=6",
-              "train.max_steps=12", "train.batch_size=8", "train.learning_rate=2e-4", f"output.run_dir={run}")
+              "data.max_samples=null", f"method.reward_model={rm}", "method.max_new_tokens=2",
+              "train.max_steps=12", "train.batch_size=8", "train.learning_rate=1e-3", f"output.run_dir={run}")
     meta = json.loads((run / "run.json").read_text())
     assert meta["status"] == "completed"
     assert meta["metrics"]["reward_last_quarter"] > meta["metrics"]["reward_first_quarter"]

@@ -6,6 +6,7 @@ import importlib.util
 from dataclasses import dataclass
 
 import torch
+from transformers import set_seed
 
 from tuneforge.config import TuneForgeConfig
 from tuneforge.data.pipeline import DataBundle, load_data
@@ -57,7 +58,9 @@ def prepare(cfg: TuneForgeConfig) -> Prepared:
 
 def build_model(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None):
     """Load the weights and make the configured ones trainable (reward models get a new `score` head).
-    With `tokenizer` holding model.new_special_tokens, the embeddings grow to its size and the new rows train."""
+    With `tokenizer` holding model.new_special_tokens, the embeddings grow to its size and the new rows train.
+    New weights (adapters, a reward head, routers, new rows) start from train.seed, so a run can be repeated."""
+    set_seed(cfg.train.seed)
     dtype = resolve_dtype(cfg.model.dtype)
     reward = cfg.method.stage == "rm"
     quantization = quantization_config(cfg.model, dtype)

@@ -84,6 +84,19 @@ def test_batch_4_equals_batch_1_with_4_accumulation_steps(tiny_config):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
 
 
+def test_new_weights_start_from_the_seed(tiny_config):
+    prepared = prepare(load_config(tiny_config))
+    cfg = load_config(tiny_config, ["method.stage=rm"])  # a LoRA adapter and a new score head: both drawn at random
+    torch.manual_seed(1)
+    first = {k: v.clone() for k, v in build_model(cfg, prepared.source).state_dict().items()}
+    torch.manual_seed(2)  # whatever ran before must not matter
+    again = build_model(cfg, prepared.source).state_dict()
+    fresh = [k for k in first if "lora_" in k or "score" in k]
+    assert fresh and all(torch.equal(first[k], again[k]) for k in first)
+    other = build_model(load_config(tiny_config, ["method.stage=rm", "train.seed=7"]), prepared.source).state_dict()
+    assert any(not torch.equal(first[k], other[k]) for k in fresh)
+
+
 def test_resume_reproduces_the_next_step_losses(tiny_config):
     tiny_config["train"].update(max_steps=4, save_steps=2)
     full = train(tiny_config).run_dir
