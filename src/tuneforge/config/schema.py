@@ -162,11 +162,15 @@ class LoraAdapter(Strict):
     loraplus_lr_ratio: float | None = Field(
         None, gt=0, description="LoRA+: the B matrices learn this many times faster than A (16 is typical)."
     )
-    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
         "default", description="Adapter start: default (B = 0), gaussian, pissa (principal singular vectors of "
-        "each weight, which converge faster) or olora (QR-based). pissa and olora move the base weights while "
-        "training; the saved adapter is converted to apply to the original base (at twice the rank)."
+        "each weight, which converge faster), olora (QR-based) or loftq (the base weights are quantized to "
+        "loftq_bits and the adapter starts as a low-rank fit of the quantization error; needs a CUDA GPU). pissa "
+        "and olora move the base weights while training; the saved adapter is converted to apply to the original "
+        "base (at twice the rank). loftq runs keep the quantized weights they trained on, next to the adapter."
     )
+    loftq_bits: Literal[4, 8] = Field(4, description="LoftQ: bits of the quantized base (nf4 or int8).")
+    loftq_iter: int = Field(1, ge=1, description="LoftQ: alternating quantize / low-rank fit rounds.")
 
     _split = field_validator("modules_to_save", mode="before")(_split_names)
     _all_or_split = field_validator("target_modules", mode="before")(_all_or_names)
@@ -413,11 +417,12 @@ class TuneForgeConfig(Strict):
             raise ValueError("data.packing applies to stage sft (pt already joins documents into blocks; the "
                              "preference stages pair rows); remove it")
         adapter = self.method.adapter
-        if getattr(adapter, "init", "default") in ("pissa", "olora") and (
+        if getattr(adapter, "init", "default") in ("pissa", "olora", "loftq") and (
                 adapter.dora or self.model.quantization_bit or self.method.stage not in ("sft", "pt")):
             raise ValueError(f"method.adapter.init: {adapter.init} works with plain LoRA on unquantized weights "
                              "in stages sft and pt (other stages use the base as their reference); remove dora / "
-                             "model.quantization_bit, or use init: default")
+                             "model.quantization_bit, or use init: default"
+                             + ("; loftq quantizes the base itself (method.adapter.loftq_bits)" if adapter.init == "loftq" else ""))
         optimizer = getattr(adapter, "optimizer", None)
         if optimizer is not None and self.method.stage == "ppo":
             raise ValueError(f"method.adapter.optimizer: {optimizer.name} is not available for stage ppo (its loop "

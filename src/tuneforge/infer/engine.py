@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tuneforge.config import ModelConfig
 from tuneforge.errors import ModelError
 from tuneforge.data.template import resolve_template, stop_token_ids
+from tuneforge.model.adapters import ADAPTED_BASE, load_adapted_base
 from tuneforge.model.loader import fit_vocabulary, load_model, load_tokenizer, resolve_dtype, resolve_model
 from tuneforge.rundir import META, open_run
 from tuneforge.train.losses import causal_lm_loss_sum, next_token_mask, next_token_targets
@@ -48,6 +49,8 @@ def load_run_weights(run, reward: bool = False):
 
         model = load_model(base, dtype, cfg.model.trust_remote_code, reward=reward)
         fit_vocabulary(model, tokenizer, mean_init=False)  # model.new_special_tokens: the adapter holds their rows
+        if (run.path / ADAPTED_BASE).is_file():  # LoftQ: the quantized weights the adapter was trained on
+            load_adapted_base(model, run.path / ADAPTED_BASE)
         return PeftModel.from_pretrained(model, str(weights)), tokenizer
     return load_model(str(weights), dtype, cfg.model.trust_remote_code, reward=reward), tokenizer
 
@@ -76,6 +79,9 @@ class Engine:
 
         run = open_run(target) if is_run else None
         adapter = str(run.weights) if run and run.weights.name == "adapter" else None
+        if adapter and (run.path / ADAPTED_BASE).is_file():
+            raise ModelError(f"{target}: a LoftQ run, whose adapter applies to quantized base weights that vLLM "
+                             f"would not load; merge it first (`tuneforge export {target} --out DIR`) and serve DIR")
         model_path = (run.meta()["base_model"] if adapter else str(run.weights)) if run else engine.source_path
         return VLLMEngine(engine, model_path, adapter)
 

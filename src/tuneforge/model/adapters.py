@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -75,11 +76,16 @@ def _apply_lora(model: nn.Module, adapter: LoraAdapter, head: str | None = None,
     if targets == "all-linear" and head:  # the head is trained in full, not adapted
         targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                           if isinstance(m, nn.Linear) and n.split(".")[0] not in (head, "lm_head")})
+    loftq = None
+    if adapter.init == "loftq":
+        from peft import LoftQConfig
+
+        loftq = LoftQConfig(loftq_bits=adapter.loftq_bits, loftq_iter=adapter.loftq_iter)
     config = LoraConfig(r=adapter.rank, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
                         target_modules=targets, modules_to_save=to_save or None,
                         layers_to_transform=layers, layers_pattern=prefix.rsplit(".", 1)[-1] if layers else None,
                         use_dora=adapter.dora, use_rslora=adapter.rslora,
-                        init_lora_weights=True if adapter.init == "default" else adapter.init,
+                        init_lora_weights=True if adapter.init == "default" else adapter.init, loftq_config=loftq or {},
                         trainable_token_indices=list(new_token_ids) or None,
                         task_type="SEQ_CLS" if head else "CAUSAL_LM")
     return get_peft_model(model, config)
@@ -142,6 +148,44 @@ def upcast_trainable(model: nn.Module) -> None:
     for p in model.parameters():
         if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
+
+
+def check_loftq() -> None:
+    """PEFT computes LoftQ with bitsandbytes on a CUDA device (and needs scipy for its settings)."""
+    packages = [p for p in ("bitsandbytes", "scipy") if importlib.util.find_spec(p) is None]
+    lacking = f"{' and '.join(packages)} (pip install 'tuneforge[quant]')" if packages else (
+        None if torch.cuda.is_available() else "a CUDA GPU")
+    if lacking:
+        raise ConfigError(f"method.adapter.init: loftq quantizes the base weights with bitsandbytes on a CUDA GPU "
+                          f"(PEFT's LoftQ); this machine lacks {lacking}. hint: run it on a GPU machine, or use "
+                          "init: pissa (also a start fitted to the weights)")
+
+
+ADAPTED_BASE = "adapted_base.safetensors"  # in a run directory: LoftQ's quantized weights under the adapter
+
+
+def quantizes_base(adapter) -> bool:
+    """LoftQ replaces the adapted layers' weights, once at the start, with their quantized values."""
+    return isinstance(adapter, LoraAdapter) and adapter.init == "loftq"
+
+
+def save_adapted_base(model: nn.Module, path) -> None:
+    """The base weights under the LoRA layers (LoftQ's quantized ones), named as in the plain base model."""
+    from safetensors.torch import save_file
+
+    prefix = "base_model.model."
+    tensors = {f"{name.removeprefix(prefix)}.weight": module.base_layer.weight.detach().cpu().contiguous()
+               for name, module in model.named_modules() if hasattr(module, "base_layer") and hasattr(module, "lora_A")}
+    save_file(tensors, str(path))
+
+
+def load_adapted_base(model: nn.Module, path) -> None:
+    """Put the weights of `save_adapted_base` back into a freshly loaded base model."""
+    from safetensors.torch import load_file
+
+    unknown = model.load_state_dict(load_file(str(path)), strict=False).unexpected_keys
+    if unknown:
+        raise ConfigError(f"{path}: weights {unknown[:3]} are not in the base model; was the run trained on another?")
 
 
 def moves_base_weights(adapter) -> bool:

@@ -12,7 +12,8 @@ from tuneforge.config import TuneForgeConfig
 from tuneforge.data.pipeline import DataBundle, load_data
 from tuneforge.data.template import ChatTemplate, resolve_template
 from tuneforge.errors import ConfigError
-from tuneforge.model.adapters import ParamCount, apply_adapter, count_params, upcast_trainable
+from tuneforge.model.adapters import (ParamCount, apply_adapter, check_loftq, count_params, quantizes_base,
+                                      upcast_trainable)
 from tuneforge.model.depth import CONFIG_KEY, ROUTER, apply_mixture_of_depths
 from tuneforge.model.loader import (ModelSource, add_new_tokens, check_kernels, default_cache_dir, fit_vocabulary,
                                    load_model, load_tokenizer, new_token_ids, quantization_config, resolve_dtype,
@@ -44,6 +45,8 @@ def prepare(cfg: TuneForgeConfig) -> Prepared:
     check_trackers(cfg.train.report_to)
     check_optimizer_installed(getattr(cfg.method.adapter, "optimizer", None))
     check_kernels(cfg.model.attention, cfg.train.liger_kernel)
+    if quantizes_base(cfg.method.adapter):
+        check_loftq()
     quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))  # unsupported here: say so before loading
     source = resolve_model(cfg.model)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from tuneforge.config import TuneForgeConfig, load_config
 from tuneforge.config.schema import BadamOptimizer
 from tuneforge.data.collate import KTOCollator, PackedCollator, PadCollator, PairCollator
 from tuneforge.data.template import stop_token_ids
-from tuneforge.model.adapters import count_params, moves_base_weights
+from tuneforge.model.adapters import ADAPTED_BASE, count_params, moves_base_weights, quantizes_base, save_adapted_base
 from tuneforge.train.callbacks import GracefulStop, MetricsCallback
 from tuneforge.train.optimizers import low_rank_training_args
 from tuneforge.train.preference_trainer import DPOTrainer, KTOTrainer, RewardTrainer
@@ -46,6 +47,8 @@ def train(config, overrides: list[str] = ()) -> RunResult:
         with warnings.catch_warnings():  # PEFT warns that the base moved: the final save converts for it
             warnings.simplefilter("ignore", UserWarning)
             model.save_pretrained(str(run.path / INIT_ADAPTER))  # the start, to convert the final adapter against
+    if quantizes_base(cfg.method.adapter) and not (run.path / ADAPTED_BASE).exists():
+        save_adapted_base(model, run.path / ADAPTED_BASE)  # LoftQ: the adapter applies to these weights
     run.update_meta(base_model=prepared.source.path, base_model_name=cfg.model.name_or_path,
                     template=prepared.template.name, stop=list(prepared.template.stop), stage=cfg.method.stage,
                     default_system=cfg.data.default_system, adapter=cfg.method.adapter.type)
@@ -153,6 +156,10 @@ def save_weights(trainer: TuneForgeTrainer, prepared: Prepared, run: RunDir, cfg
         prepared.tokenizer.save_pretrained(str(target))
     else:
         trainer.save_model(str(target))  # safetensors; saves the tokenizer (processing_class) too
+    if quantizes_base(cfg.method.adapter):  # loading must not quantize again: the run keeps the weights it used
+        settings = json.loads((target / "adapter_config.json").read_text())
+        settings.update(init_lora_weights=True, loftq_config={})
+        (target / "adapter_config.json").write_text(json.dumps(settings, indent=2))
     stop_ids = stop_token_ids(prepared.tokenizer, prepared.template.stop)
     gen = trainer.model.generation_config if hasattr(trainer.model, "generation_config") else None
     if gen is not None and stop_ids and cfg.method.adapter.type != "lora" and cfg.method.stage != "rm":

@@ -6,6 +6,7 @@ model that was trained.
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,54 @@ def test_a_pissa_run_through_train_keeps_its_start_and_saves_the_converted_adapt
     run = train(tiny_config).run_dir
     assert (run / "adapter_init" / "adapter_model.safetensors").is_file()
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 8
+
+
+def _coarse_loftq(weight, num_bits, reduced_rank, num_iter=1):
+    """A CPU stand-in for PEFT's bitsandbytes LoftQ step: round each row to 2^(bits-1)-1 levels, then the best
+    rank-r fit of the rounding error (B = L, A = R)."""
+    step = weight.abs().amax(dim=1, keepdim=True) / (2 ** (num_bits - 1) - 1)
+    quantized = torch.round(weight / step) * step
+    u, s, vh = torch.linalg.svd(weight - quantized, full_matrices=False)
+    root = s[:reduced_rank].sqrt()
+    return quantized, root[:, None] * vh[:reduced_rank], u[:, :reduced_rank] * root
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a CUDA GPU")
+def test_loftq_without_a_gpu_says_what_it_needs(tiny_config):
+    tiny_config["method"]["adapter"].update(init="loftq")
+    with pytest.raises(ConfigError, match="loftq quantizes the base weights with bitsandbytes on a CUDA GPU"):
+        train(tiny_config)
+    assert not Path(tiny_config["output"]["run_dir"]).exists()  # refused before anything was written
+
+
+def test_a_loftq_run_keeps_the_quantized_base_it_trained_on_and_reloads_to_it(tiny_config, monkeypatch, tmp_path):
+    import peft.tuners.lora.layer
+    from peft import PeftModel
+
+    monkeypatch.setattr(peft.tuners.lora.layer, "loftq_init", _coarse_loftq)
+    monkeypatch.setattr("tuneforge.train.prepare.check_loftq", lambda: None)
+    tiny_config["method"]["adapter"].update(init="loftq", loftq_bits=4)
+    tiny_config["train"].update(max_steps=2, learning_rate=1e-2)
+    run = train(tiny_config).run_dir
+
+    base = AutoModelForCausalLM.from_pretrained(load_config(tiny_config).model.name_or_path).eval()
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    saved = load_file(run / "adapted_base.safetensors")
+    assert len(saved) == 7 * 2  # every adapted linear layer of the 2 blocks
+    original = base.state_dict()
+    for name, weight in saved.items():
+        torch.testing.assert_close(weight, _coarse_loftq(original[name], 4, 4)[0])
+    engine = Engine.load(str(run))
+    ids = torch.tensor([engine.prompt_ids([{"role": "user", "content": "Who are you?"}])])
+    source = load_config(tiny_config).model.name_or_path
+    quantized = AutoModelForCausalLM.from_pretrained(source).eval()
+    assert not quantized.load_state_dict(saved, strict=False).unexpected_keys
+    with torch.no_grad():
+        trained = engine.model(input_ids=ids).logits
+        on_quantized = PeftModel.from_pretrained(quantized, str(run / "adapter")).eval()(input_ids=ids).logits
+        on_original = PeftModel.from_pretrained(base, str(run / "adapter")).eval()(input_ids=ids).logits
+    torch.testing.assert_close(trained, on_quantized, rtol=1e-5, atol=1e-5)
+    assert (trained - on_original).abs().max() > 1e-4  # the kept weights matter
+    merged = AutoModelForCausalLM.from_pretrained(export_run(run, tmp_path / "hf")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, trained, rtol=1e-4, atol=1e-4)
