@@ -42,11 +42,13 @@ class Rollout:
     scores: torch.Tensor  # (B,) reward model
 
 
-def run_ppo(cfg, model, prepared, run: RunDir, ref_model=None):
+def run_ppo(cfg, model, prepared, run: RunDir, ref_model=None, reward=None):
+    """`reward`: anything with `tokenizer`, `model` and `score_ids(sequences) -> list[float]`; by default the
+    reward model run of method.reward_model."""
     from tuneforge.train.run import RunResult
 
     m, t = cfg.method, cfg.train
-    reward = RewardModel.from_run(m.reward_model)
+    reward = reward or RewardModel.from_run(m.reward_model)
     if tokenizer_fingerprint(reward.tokenizer) != tokenizer_fingerprint(prepared.tokenizer):
         raise ConfigError(f"method.reward_model: {m.reward_model} uses another tokenizer than the policy; "
                           "train the reward model from the same base model")

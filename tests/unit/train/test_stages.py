@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import write_preference_data
 from tuneforge.cli import main
@@ -79,13 +80,61 @@ def test_kto_separates_desirable_from_undesirable(tiny_model_dir, tmp_path):
     assert desirable[-1] - undesirable[-1] > desirable[0] - undesirable[0] + 0.5
 
 
-def test_ppo_raises_the_reward_of_a_toy_reward_model(tiny_model_dir, tmp_path):
+def test_a_ppo_run_scores_with_a_trained_reward_model_and_saves_its_adapter(tiny_model_dir, tmp_path):
     rm = train(stage_config(tiny_model_dir, tmp_path / "rm", {"stage": "rm"})).run_dir
     config = stage_config(tiny_model_dir, tmp_path, {"stage": "ppo", "reward_model": str(rm), "max_new_tokens": 4,
-                                                     "kl_coef": 0.01, "ppo_epochs": 2}, steps=25, lr=2e-2)
+                                                     "kl_coef": 0.01, "ppo_epochs": 2}, steps=6, lr=2e-2)
     config["data"].update(dataset="pairs", val_size=0)
     result = train(config)
     assert result.status == "completed" and (result.run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    assert result.metrics["reward_last_quarter"] > result.metrics["reward_first_quarter"]
+    assert result.metrics["steps"] == 6 and result.metrics["kl_last"] != 0  # the policy moved off its start
     assert {"reward", "kl", "policy_loss", "value_loss"} <= set(json.loads(
         (result.run_dir / "metrics.jsonl").read_text().splitlines()[-1]))
+
+
+class DirectionReward:
+    """A rule in place of a reward model: the reward of an answer is how far its last token's embedding points
+    along a fixed direction (scaled to unit spread over the vocabulary). Every rollout carries signal, and the
+    policy can reach it by turning its last hidden state, unlike a tiny reward model whose scores of a random
+    model's answers are nearly flat."""
+
+    def __init__(self, tokenizer, embeddings: torch.Tensor, seed: int):
+        direction = torch.randn(embeddings.shape[1], generator=torch.Generator().manual_seed(seed))
+        scores = embeddings.detach() @ direction
+        self.by_token = ((scores - scores.mean()) / scores.std()).tolist()
+        self.tokenizer, self.model = tokenizer, torch.nn.Identity()
+
+    def score_ids(self, sequences):
+        return [self.by_token[s[-1]] for s in sequences]
+
+
+def expected_reward(model, prompts, by_token: torch.Tensor) -> float:
+    """The policy's mean reward over its whole next-token distribution: no sampling noise."""
+    with torch.no_grad():
+        return sum((torch.softmax(model(input_ids=torch.tensor([list(p)])).logits[0, -1], -1) * by_token).sum().item()
+                   for p in prompts) / len(prompts)
+
+
+@pytest.mark.parametrize("seed", [1, 42])
+def test_ppo_raises_the_expected_reward(tiny_model_dir, tmp_path, seed):
+    from tuneforge.rundir import prepare_run_dir
+    from tuneforge.train.ppo import run_ppo
+    from tuneforge.train.prepare import build_model
+
+    config = stage_config(tiny_model_dir, tmp_path, {"stage": "ppo", "reward_model": str(tmp_path / "unused"),
+                                                     "max_new_tokens": 1, "kl_coef": 0.01, "ppo_epochs": 2},
+                          steps=20, lr=2e-2)
+    config["data"].update(dataset="pairs", val_size=0)
+    config["train"].update(seed=seed, batch_size=8)
+    cfg = load_config(config)
+    prepared = prepare(cfg)
+    run, _ = prepare_run_dir(cfg)
+    model = build_model(cfg, prepared.source)
+    reward = DirectionReward(prepared.tokenizer, model.get_input_embeddings().weight, seed)
+    prompts, by_token = prepared.data.train.columns["prompt_ids"], torch.tensor(reward.by_token)
+    before = expected_reward(model, prompts, by_token)
+    result = run_ppo(cfg, model, prepared, run, reward=reward)
+    assert result.status == "completed"
+    # 8 samples a step of a unit-spread reward: the sampled means are too noisy to compare in 20 steps, the
+    # expectation is not (six seeds tried: +0.07 to +0.13 from about 0)
+    assert expected_reward(model.eval(), prompts, by_token) > before + 0.03
