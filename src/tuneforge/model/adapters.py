@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from tuneforge.config.schema import FreezeAdapter, FullAdapter, LlamaProAdapter, LoraAdapter
-from tuneforge.errors import ConfigError
+from tuneforge.errors import ConfigError, ModelError
 
 
 @dataclass
@@ -185,7 +185,7 @@ def load_adapted_base(model: nn.Module, path) -> None:
 
     unknown = model.load_state_dict(load_file(str(path)), strict=False).unexpected_keys
     if unknown:
-        raise ConfigError(f"{path}: weights {unknown[:3]} are not in the base model; was the run trained on another?")
+        raise ModelError(f"{path}: weights {unknown[:3]} are not in the base model; was the run trained on another?")
 
 
 def moves_base_weights(adapter) -> bool:

@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM
 
 from tests.conftest import build_tiny_model
 from tuneforge.config import LoraAdapter, load_config
-from tuneforge.errors import ConfigError
+from tuneforge.errors import ConfigError, ModelError
 from tuneforge.export.export import export_run
 from tuneforge.infer.engine import Engine
-from tuneforge.model.adapters import apply_adapter, loraplus_param_groups
+from tuneforge.model.adapters import apply_adapter, load_adapted_base, loraplus_param_groups
 from tuneforge.rundir import prepare_run_dir
 from tuneforge.train.prepare import build_model, prepare
 from tuneforge.train.run import build_trainer, train
@@ -208,3 +208,13 @@ def test_a_loftq_run_keeps_the_quantized_base_it_trained_on_and_reloads_to_it(ti
     merged = AutoModelForCausalLM.from_pretrained(export_run(run, tmp_path / "hf")).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_kept_base_weights_from_another_model_are_refused_by_name(tiny_config, tmp_path):
+    from safetensors.torch import save_file
+
+    model = AutoModelForCausalLM.from_pretrained(load_config(tiny_config).model.name_or_path)
+    path = tmp_path / "adapted_base.safetensors"
+    save_file({"model.layers.99.mlp.up_proj.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(ModelError, match="model.layers.99.mlp.up_proj.weight.*trained on another"):
+        load_adapted_base(model, path)
