@@ -11,12 +11,14 @@ import torch
 def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
                   kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
     """r_t = -kl_coef (log pi - log ref) at every token, plus the reward model's score at the last token.
-    Returns rewards (B, T) and the per-sequence KL sum (B,)."""
-    kl = (logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * kl
+    Returns rewards (B, T) and the per-sequence KL estimate (B,) for the logs: the sum over tokens of
+    k3 = ref/pi - 1 - log(ref/pi), unbiased like the log-ratio but never negative on a single sample."""
+    log_ratio = (logprobs - ref_logprobs) * mask  # (B, T)
+    rewards = -kl_coef * log_ratio
     last = mask.sum(1).long() - 1  # (B,)
     rewards[torch.arange(rewards.shape[0]), last] += scores
-    return rewards * mask, kl.sum(1)
+    k3 = (torch.expm1(-log_ratio) + log_ratio) * mask
+    return rewards * mask, k3.sum(1)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -10,7 +12,12 @@ def test_token_rewards_put_the_score_on_the_last_real_token():
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
     rewards, kl = token_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, kl_coef=0.1)
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 2.0 + 0.1], [0.0, -1.0 - 0.1, 0.0]]))
-    assert kl.tolist() == pytest.approx([0.5 + 0.0 - 1.0, 0.0 + 1.0])
+    def k3(log_ratio):  # ref/pi - 1 - log(ref/pi)
+        return math.exp(-log_ratio) - 1 + log_ratio
+
+    # the log-ratios 0.5, 0, -1 and 0, 1 would sum to -0.5 for the first row: a negative "KL" in the logs
+    assert kl.tolist() == pytest.approx([k3(0.5) + k3(-1.0), k3(1.0)])
+    assert (kl > 0).all()
 
 
 def test_gae_by_hand():
