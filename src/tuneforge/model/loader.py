@@ -7,6 +7,7 @@ once and cached as a safetensors folder, so later loads take seconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from tuneforge.model.depth import load_mixture_of_depths
 from tuneforge.model.embedded import embedded_models, locate_embedded
 
 CONVERTED_MARKER = "tuneforge_source.json"
+FINGERPRINTS = "gguf_fingerprints.json"
 
 
 def default_cache_dir(cfg: ModelConfig | None = None) -> Path:
@@ -92,12 +94,36 @@ def _from_hub(cfg: ModelConfig, tried: list[str]) -> ModelSource:
     return ModelSource(path, cfg.hub, f"{name} ({cfg.hub} hub)")
 
 
+def gguf_fingerprint(gguf: Path, cache_dir: Path) -> str:
+    """The first 16 hex digits of the file's SHA-256. Remembered per path, size and modification time in
+    `<cache>/models/gguf_fingerprints.json`, so that a file is read through once, not at every load."""
+    stat = gguf.stat()
+    index_path = Path(cache_dir) / "models" / FINGERPRINTS
+    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    if key not in index:
+        digest = hashlib.sha256()
+        with open(gguf, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        index[key] = digest.hexdigest()[:16]
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_name(f"{FINGERPRINTS}.{os.getpid()}")
+        tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
+        os.replace(tmp, index_path)
+    return index[key]
+
+
 def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
-    """Dequantize a GGUF file once into `<cache>/models/<stem>-<size>-<mtime>/` (safetensors + tokenizer)."""
+    """Dequantize a GGUF file once into `<cache>/models/<stem>-<content fingerprint>/` (safetensors + tokenizer).
+    Keyed by content, so a reinstalled package (same file, new modification time) reuses the conversion."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     stat = gguf.stat()
-    target = Path(cache_dir) / "models" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    target = Path(cache_dir) / "models" / f"{gguf.stem}-{gguf_fingerprint(gguf, cache_dir)}"
     if (target / CONVERTED_MARKER).is_file():
         return target
     print(f"tuneforge: converting {gguf.name} to a safetensors cache (once) at {target}", flush=True)

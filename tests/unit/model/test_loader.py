@@ -1,10 +1,16 @@
+import os
+import shutil
+
 import pytest
 import torch
+
+from tests.conftest import build_tiny_model
 
 from tuneforge.config import ModelConfig, load_config
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.model import embedded
-from tuneforge.model.loader import load_model, load_tokenizer, resolve_dtype, resolve_model
+from tuneforge.export.gguf_writer import write_gguf
+from tuneforge.model.loader import CONVERTED_MARKER, convert_gguf, load_model, load_tokenizer, resolve_dtype, resolve_model
 
 
 def test_local_folder_resolves_and_loads(tiny_model_dir):
@@ -87,3 +93,24 @@ def test_quantization_settings_reach_bitsandbytes(monkeypatch):
     assert q4.bnb_4bit_compute_dtype == torch.bfloat16
     assert loader.quantization_config(ModelConfig(name_or_path="x", quantization_bit=8), torch.float32).load_in_8bit
     assert loader.quantization_config(ModelConfig(name_or_path="x"), torch.float32) is None
+
+
+def test_a_gguf_file_is_converted_once_per_content(tmp_path, tokenizer):
+    for folder in "abc":
+        (tmp_path / folder).mkdir()
+    write_gguf(build_tiny_model(len(tokenizer)), tokenizer, tmp_path / "a" / "m.gguf", qtype="f32")
+    cache = tmp_path / "cache"
+    first = convert_gguf(tmp_path / "a" / "m.gguf", cache)
+    converted_at = (first / CONVERTED_MARKER).stat().st_mtime_ns
+    # the same file reinstalled elsewhere, with a new modification time: the conversion is reused
+    shutil.copyfile(tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf")
+    os.utime(tmp_path / "b" / "m.gguf", ns=(10**18, 10**18))
+    assert convert_gguf(tmp_path / "b" / "m.gguf", cache) == first
+    assert (first / CONVERTED_MARKER).stat().st_mtime_ns == converted_at
+    # other weights under the same name and size: a conversion of their own
+    write_gguf(build_tiny_model(len(tokenizer), seed=1), tokenizer, tmp_path / "c" / "m.gguf", qtype="f32")
+    assert (tmp_path / "c" / "m.gguf").stat().st_size == (tmp_path / "a" / "m.gguf").stat().st_size
+    other = convert_gguf(tmp_path / "c" / "m.gguf", cache)
+    assert other != first
+    a, c = load_model(str(first)), load_model(str(other))
+    assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
