@@ -13,7 +13,7 @@ from tuneforge.config import TuneForgeConfig, load_config
 from tuneforge.data.pipeline import load_examples
 from tuneforge.evaluate.metrics import repetition_metrics
 from tuneforge.evaluate.predict import predict, save_prediction, split_answers, summary
-from tuneforge.infer.engine import Engine, GenerationSettings
+from tuneforge.infer.engine import Engine, GenerationSettings, run_base_model
 from tuneforge.model.loader import load_model, resolve_dtype
 from tuneforge.rundir import open_run
 
@@ -67,8 +67,7 @@ def _base_engine(tuned: Engine, run_dir: Path, cfg: TuneForgeConfig) -> Iterator
     if hasattr(tuned.model, "disable_adapter"):
         yield tuned.without_adapter()
         return
-    meta = open_run(run_dir).meta()
-    model = load_model(meta["base_model"], resolve_dtype(cfg.model.dtype), cfg.model.trust_remote_code)
+    model = load_model(run_base_model(open_run(run_dir)), resolve_dtype(cfg.model.dtype), cfg.model.trust_remote_code)
     yield Engine(model.to(tuned.model.device), tuned.tokenizer, tuned.stop, "base model", tuned.default_system)
 
 

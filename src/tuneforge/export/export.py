@@ -8,6 +8,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.export.gguf_writer import write_gguf
 from tuneforge.export.merge import merged_model, model_card, save_hf
 from tuneforge.export.ollama import write_modelfile
+from tuneforge.infer.engine import run_base_model
 from tuneforge.model.loader import CONVERTED_MARKER
 from tuneforge.rundir import open_run
 
@@ -37,7 +38,7 @@ def _source_pre(run) -> str | None:
 
     import gguf
 
-    marker = Path(run.meta().get("base_model", "")) / CONVERTED_MARKER
+    marker = Path(run_base_model(run)) / CONVERTED_MARKER
     if not marker.is_file():
         return None
     source = Path(json.loads(marker.read_text())["gguf"])

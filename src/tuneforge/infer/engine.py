@@ -32,16 +32,22 @@ class GenerationSettings(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, description="Above 1 discourages repeating tokens.")
 
 
+def run_base_model(run) -> str:
+    """The base model folder a run was trained on; converted or downloaded again where the cache lost it."""
+    base = run.meta().get("base_model")
+    if base and Path(base).is_dir():
+        return base
+    return resolve_model(run.config().model).path
+
+
 def load_run_weights(run, reward: bool = False):
     """The trained model of a run directory and its tokenizer: base + adapter/ (not merged), or model/.
     `reward` loads the body with its one-output score head (runs of stage rm)."""
-    cfg, meta = run.config(), run.meta()
+    cfg = run.config()
     weights = run.weights
     if not weights.is_dir():
         raise ModelError(f"{run.path}: no adapter/ or model/ folder; the run has not saved weights yet")
-    base = meta.get("base_model")
-    if not base or not Path(base).is_dir():
-        base = resolve_model(cfg.model).path  # e.g. the cache was cleared: convert or download again
+    base = run_base_model(run)
     tokenizer = load_tokenizer(str(weights), cfg.model.trust_remote_code)
     dtype = resolve_dtype(cfg.model.dtype)
     if weights.name == "adapter":
@@ -82,7 +88,7 @@ class Engine:
         if adapter and (run.path / ADAPTED_BASE).is_file():
             raise ModelError(f"{target}: a LoftQ run, whose adapter applies to quantized base weights that vLLM "
                              f"would not load; merge it first (`tuneforge export {target} --out DIR`) and serve DIR")
-        model_path = (run.meta()["base_model"] if adapter else str(run.weights)) if run else engine.source_path
+        model_path = (run_base_model(run) if adapter else str(run.weights)) if run else engine.source_path
         return VLLMEngine(engine, model_path, adapter)
 
     @classmethod

@@ -1,7 +1,11 @@
+import shutil
+
 import pytest
+import torch
 
 from tuneforge.errors import ConfigError
-from tuneforge.infer.engine import Engine, GenerationSettings
+from tuneforge.infer.engine import Engine, GenerationSettings, run_base_model
+from tuneforge.rundir import open_run
 
 
 def test_engine_loads_a_run_and_chats_greedily(tiny_run):
@@ -86,3 +90,14 @@ def test_vllm_backend_without_vllm_says_what_is_needed(tiny_run):
         pytest.skip("vllm is installed here")
     with pytest.raises(ModelError, match="backend vllm needs the vllm package"):
         Engine.load(str(tiny_run), backend="vllm")
+
+
+def test_a_run_whose_base_model_folder_is_gone_finds_it_again(tiny_run, tmp_path):
+    moved = shutil.copytree(tiny_run, tmp_path / "run")
+    open_run(moved).update_meta(base_model=str(tmp_path / "cleared-cache" / "model"))
+    run = open_run(moved)
+    assert run_base_model(run) == run.config().model.name_or_path  # resolved again from the config
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        expected = Engine.load(str(tiny_run)).model(input_ids=ids).logits
+        assert torch.equal(Engine.load(str(moved)).model(input_ids=ids).logits, expected)
