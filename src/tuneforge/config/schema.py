@@ -335,7 +335,7 @@ class TrainConfig(Strict):
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 turns clipping off).")
     optim: str = Field(
         "adamw_torch_fused", description="Optimizer name as transformers knows it (the default, transformers' own, "
-        "updates all weights in one fused kernel: on a CPU 4x faster than adamw_torch's per-tensor loop)."
+        "updates all weights in one fused kernel: faster than adamw_torch's per-tensor loop, bench/optimizer_step.py)."
     )
     seed: int = Field(42, description="Seed for shuffling, dropout and adapter initialisation.")
     logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and throughput every N steps.")

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from tests.conftest import build_tiny_model
-
 from tuneforge.config import ModelConfig, load_config
 from tuneforge.errors import ConfigError, ModelError
-from tuneforge.model import embedded
 from tuneforge.export.gguf_writer import write_gguf
-from tuneforge.model.loader import CONVERTED_MARKER, convert_gguf, load_model, load_tokenizer, resolve_dtype, resolve_model
+from tuneforge.model import embedded
+from tuneforge.model.loader import (CONVERTED_MARKER, convert_gguf, load_model, load_tokenizer, resolve_dtype,
+                                    resolve_model)
 
 
 def test_local_folder_resolves_and_loads(tiny_model_dir):
