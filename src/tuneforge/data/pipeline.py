@@ -6,6 +6,7 @@ the template and every setting that changes the tokens, so a second run does not
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -23,7 +24,7 @@ from tuneforge.data.template import ChatTemplate
 from tuneforge.data.tokenized import TokenizedData, load_npz, save_npz
 from tuneforge.errors import DataError
 
-ENCODING_VERSION = 2  # bump when encode.py changes what it produces, to invalidate caches
+ENCODING_VERSION = 3  # bump when encode.py or the cache key changes, to invalidate caches
 MAX_LISTED_BAD_ROWS = 20
 
 
@@ -159,8 +160,9 @@ def _cache_key(conversion: Conversion, stage, tokenizer, template: ChatTemplate,
                 "train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history,
                 "overlong": cfg.overlong, "tokenizer": tokenizer_fingerprint(tokenizer)}
     h.update(json.dumps(settings, sort_keys=True).encode())
-    for e in conversion.examples:
-        h.update(json.dumps([e.messages, e.tools], ensure_ascii=False).encode())
+    for e in conversion.examples:  # every field that reaches the tokens: a swapped pair or flipped KTO tag counts
+        fields = {k: v for k, v in dataclasses.asdict(e).items() if k != "where"}
+        h.update(json.dumps(fields, ensure_ascii=False, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 

@@ -1,13 +1,11 @@
 """Metrics as pure functions: label classification, BLEU-4 / ROUGE (Chinese segmented by jieba), repetition.
 
-Definitions follow what LLaMA-Factory reports: BLEU-4 on characters with NIST geometric smoothing
-(nltk's SmoothingFunction().method3); ROUGE-1/2/L F1 on jieba words, ROUGE-L with the `rouge` package's
-beta = P/R weighting. ROUGE-N counts clipped n-gram matches (standard ROUGE).
+BLEU and ROUGE are computed by the packages LLaMA-Factory scores with, called the way it calls them: nltk's
+`sentence_bleu` on characters with `SmoothingFunction().method3`, and `rouge_chinese.Rouge` on jieba words.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 
@@ -54,24 +52,10 @@ def _ngrams(tokens: list[str], n: int) -> Counter:
 
 
 def bleu4(reference: str, hypothesis: str) -> float:
-    """Sentence BLEU-4 over characters, uniform weights, NIST geometric smoothing of zero-match orders."""
-    ref, hyp = list(reference), list(hypothesis)
-    if not hyp or not ref:
-        return 0.0
-    log_precisions, zero_orders = [], 0
-    for n in range(1, 5):
-        hyp_grams, ref_grams = _ngrams(hyp, n), _ngrams(ref, n)
-        total = sum(hyp_grams.values())
-        if total == 0:  # hypothesis shorter than n: BLEU is 0 without a smoothing that invents counts
-            return 0.0
-        matches = sum(min(c, ref_grams[g]) for g, c in hyp_grams.items())
-        if matches == 0:
-            zero_orders += 1
-            log_precisions.append(math.log(1 / (2 ** zero_orders * total)))
-        else:
-            log_precisions.append(math.log(matches / total))
-    brevity = 1.0 if len(hyp) > len(ref) else math.exp(1 - len(ref) / len(hyp))
-    return brevity * math.exp(sum(log_precisions) / 4)
+    """Sentence BLEU-4 over characters with nltk's NIST geometric smoothing (SmoothingFunction().method3)."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    return float(sentence_bleu([list(reference)], list(hypothesis), smoothing_function=SmoothingFunction().method3))
 
 
 def words(text: str) -> list[str]:
@@ -82,45 +66,23 @@ def words(text: str) -> list[str]:
     return [w for w in jieba.cut(text) if w.strip()]
 
 
-def rouge_n(reference: list[str], hypothesis: list[str], n: int) -> float:
-    ref, hyp = _ngrams(reference, n), _ngrams(hypothesis, n)
-    overlap = sum(min(c, ref[g]) for g, c in hyp.items())
-    if not overlap:
-        return 0.0
-    precision, recall = overlap / sum(hyp.values()), overlap / sum(ref.values())
-    return 2 * precision * recall / (precision + recall)
+def rouge_f1(reference: str, hypothesis: str) -> dict[str, float]:
+    """ROUGE-1/2/L F1 of `rouge_chinese.Rouge` on jieba words; 0 when either side has no words."""
+    from rouge_chinese import Rouge
 
-
-def _lcs(a: list[str], b: list[str]) -> int:
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l(reference: list[str], hypothesis: list[str]) -> float:
-    if not reference or not hypothesis:
-        return 0.0
-    lcs = _lcs(reference, hypothesis)
-    if lcs == 0:
-        return 0.0
-    recall, precision = lcs / len(reference), lcs / len(hypothesis)
-    beta = precision / recall
-    return (1 + beta ** 2) * recall * precision / (recall + beta ** 2 * precision)
+    ref, hyp = " ".join(words(reference)), " ".join(words(hypothesis))
+    if not ref or not hyp:
+        return {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+    scores = Rouge().get_scores(hyp, ref)[0]
+    return {k: scores[k]["f"] for k in ("rouge-1", "rouge-2", "rouge-l")}
 
 
 def generation_metrics(references: list[str], predictions: list[str]) -> dict:
     """Mean BLEU-4 and ROUGE-1/2/L F1, in percent, over pairs."""
     sums = Counter()
     for ref, pred in zip(references, predictions):
-        ref_words, pred_words = words(ref), words(pred)
         sums["bleu-4"] += bleu4(ref, pred)
-        sums["rouge-1"] += rouge_n(ref_words, pred_words, 1)
-        sums["rouge-2"] += rouge_n(ref_words, pred_words, 2)
-        sums["rouge-l"] += rouge_l(ref_words, pred_words)
+        sums.update(rouge_f1(ref, pred))
     n = max(len(references), 1)
     return {k: round(100 * sums[k] / n, 4) for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l")}
 

@@ -119,3 +119,31 @@ def test_collator_pads_right_with_ignored_labels():
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert PadCollator(0, pad_to_multiple_of=8)([{"input_ids": [1], "labels": [1]}])["input_ids"].shape == (1, 8)
+
+
+def test_edited_preference_file_is_tokenized_again(tokenizer, tmp_path):
+    """Swapping chosen/rejected or flipping a KTO tag in place must not reuse the stale tokenized cache."""
+    from tests.conftest import write_preference_data
+
+    folder = write_preference_data(tmp_path / "data", ["Is the sky blue?", "Is fire cold?"], "Yes.", "No.")
+    cfg = data_cfg(dataset="pairs", dataset_dir=str(folder), cutoff_len=128)
+    first = load(tokenizer, cfg, tmp_path, stage="dpo").train
+    rows = json.loads((folder / "pairs.json").read_text())
+    for row in rows:
+        row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+    (folder / "pairs.json").write_text(json.dumps(rows))
+    second = load(tokenizer, cfg, tmp_path, stage="dpo")
+    assert not second.reports[0].from_cache
+    for a, b in zip(first.columns["chosen_ids"], second.train.columns["rejected_ids"]):
+        np.testing.assert_array_equal(a, b)
+    answer = lambda ids, labels: tokenizer.decode([t for t, y in zip(ids, labels) if y != -100])  # noqa: E731
+    assert answer(second.train.columns["chosen_ids"][0], second.train.columns["chosen_labels"][0]).startswith("No.")
+
+    kto_cfg = data_cfg(dataset="kto", dataset_dir=str(folder), cutoff_len=128)
+    tags = [int(d[0]) for d in load(tokenizer, kto_cfg, tmp_path, stage="kto").train.columns["desirable"]]
+    rows = json.loads((folder / "kto.json").read_text())
+    rows[0]["label"] = not rows[0]["label"]
+    (folder / "kto.json").write_text(json.dumps(rows))
+    flipped = load(tokenizer, kto_cfg, tmp_path, stage="kto")
+    assert not flipped.reports[0].from_cache
+    assert [int(d[0]) for d in flipped.train.columns["desirable"]] == [1 - tags[0]] + tags[1:]

@@ -1,9 +1,7 @@
-import math
-
 import pytest
 
 from tuneforge.evaluate.metrics import (bleu4, first_label_in, generation_metrics, label_metrics, repeats_itself,
-                                        rouge_l, rouge_n)
+                                        rouge_f1)
 
 
 def test_label_metrics_by_hand():
@@ -29,36 +27,50 @@ def test_first_label_found_in_free_text():
     assert first_label_in("no idea", ["0", "1"]) is None
 
 
-def test_bleu4_by_hand():
-    assert bleu4("abcd", "abcd") == pytest.approx(1.0)
-    # hypothesis "abcx" vs reference "abcd": p1 = 3/4, p2 = 2/3, p3 = 1/2, p4 = 0/1 -> NIST smoothing 1/(2*1)
-    expected = math.exp((math.log(3 / 4) + math.log(2 / 3) + math.log(1 / 2) + math.log(1 / 2)) / 4)
-    assert bleu4("abcd", "abcx") == pytest.approx(expected)
-    # brevity penalty: hypothesis "abcd" for reference "abcdef"
-    assert bleu4("abcdef", "abcd") == pytest.approx(math.exp(1 - 6 / 4))
+# Everyday pairs plus the edge cases where hand-written BLEU/ROUGE used to go wrong: answers shorter than four
+# characters, no overlap at all, an empty side, mixed English and Chinese.
+PAIRS = [("好评", "好评"), ("好评", "差评"), ("完全不同", "毫无关系"), ("今天天气很好，我们去公园散步吧", "今天天气不错，我们去公园走走"),
+         ("the cat sat on the mat", "the cat is on a mat"), ("这款手机的电池续航很长，拍照效果也不错", "手机电池很耐用，拍照也好"),
+         ("1", "1"), ("abc", "xyz"), ("物流很快，包装完好，five stars", "物流快，包装好"), ("有内容", ""), ("", "有内容")]
 
 
-def test_bleu4_agrees_with_nltk():
-    nltk_bleu = pytest.importorskip("nltk.translate.bleu_score")
-    smooth = nltk_bleu.SmoothingFunction().method3
-    for ref, hyp in [("今天天气很好，我们去公园散步吧", "今天天气不错，我们去公园走走"), ("the cat sat on the mat", "the cat is on a mat")]:
-        expected = nltk_bleu.sentence_bleu([list(ref)], list(hyp), smoothing_function=smooth)
-        assert bleu4(ref, hyp) == pytest.approx(expected, abs=1e-9)
+def reference_scores(ref: str, hyp: str) -> dict:
+    """What LLaMA-Factory's ComputeSimilarity computes for one pair, with nltk and rouge_chinese themselves."""
+    import jieba
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from rouge_chinese import Rouge
+
+    hyp_words, ref_words = list(jieba.cut(hyp)), list(jieba.cut(ref))
+    if len(" ".join(hyp_words).split()) == 0 or len(" ".join(ref_words).split()) == 0:
+        rouge = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+    else:
+        scores = Rouge().get_scores(" ".join(hyp_words), " ".join(ref_words))[0]
+        rouge = {k: v["f"] for k, v in scores.items()}
+    bleu = sentence_bleu([list(ref)], list(hyp), smoothing_function=SmoothingFunction().method3)
+    return {"bleu-4": bleu, **rouge}
 
 
-def test_rouge_by_hand():
-    ref, hyp = ["a", "b", "c", "d"], ["a", "c", "d", "e", "f"]
-    assert rouge_n(ref, hyp, 1) == pytest.approx(2 * (3 / 5) * (3 / 4) / (3 / 5 + 3 / 4))
-    assert rouge_n(ref, hyp, 2) == pytest.approx(2 * (1 / 4) * (1 / 3) / (1 / 4 + 1 / 3))  # only "c d" matches
-    r, p = 3 / 4, 3 / 5  # LCS "a c d"
-    beta = p / r
-    assert rouge_l(ref, hyp) == pytest.approx((1 + beta ** 2) * r * p / (r + beta ** 2 * p))
+@pytest.mark.parametrize("ref, hyp", PAIRS)
+def test_bleu_and_rouge_equal_the_packages_llamafactory_scores_with(ref, hyp):
+    expected = reference_scores(ref, hyp)
+    got = generation_metrics([ref], [hyp])
+    assert got == pytest.approx({k: round(100 * v, 4) for k, v in expected.items()}, abs=1e-9)
 
 
-def test_generation_metrics_segment_chinese_words():
-    scores = generation_metrics(["我喜欢这本书"], ["我喜欢这本书"])
-    assert scores == {"bleu-4": 100.0, "rouge-1": 100.0, "rouge-2": 100.0, "rouge-l": 100.0}
-    assert generation_metrics(["完全不同"], ["毫无关系"])["rouge-1"] == 0.0
+def test_pinned_values_of_the_short_and_disjoint_cases():
+    assert bleu4("好评", "好评") == pytest.approx(0.5946035575, abs=1e-9)  # nltk method3 on a 2-character answer
+    assert bleu4("abc", "xyz") == 0.0  # no unigram in common
+    assert rouge_f1("今天天气很好，我们去公园散步吧", "今天天气不错，我们去公园走走")["rouge-l"] > 0.5
+    assert rouge_f1("有内容", "") == {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+
+
+def test_generation_metrics_average_over_pairs():
+    refs, hyps = [p[0] for p in PAIRS], [p[1] for p in PAIRS]
+    per_pair = [reference_scores(r, h) for r, h in PAIRS]
+    expected = {k: round(100 * sum(s[k] for s in per_pair) / len(PAIRS), 4) for k in per_pair[0]}
+    assert generation_metrics(refs, hyps) == pytest.approx(expected, abs=1e-9)
+    assert generation_metrics(["我喜欢这本书"], ["我喜欢这本书"]) == {"bleu-4": 100.0, "rouge-1": 100.0,
+                                                                    "rouge-2": 100.0, "rouge-l": 100.0}
 
 
 def test_repetition():
