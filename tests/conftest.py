@@ -57,6 +57,35 @@ def build_tiny_model(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+def build_family_model(kind: str, vocab_size: int, seed: int = 0, **overrides):
+    """A tiny random causal LM of one of the architectures TuneForge supports end to end (2 layers, hidden 64),
+    with randomised norm weights so that a wrong norm convention shows in the logits."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True)
+    common.update(overrides)
+    config = {"llama": lambda: LlamaConfig(**common),
+              "mistral": lambda: MistralConfig(**common),
+              "qwen2": lambda: Qwen2Config(**common),
+              "qwen3": lambda: Qwen3Config(**{"head_dim": 128, **common}),  # the GGUF loader assumes Qwen3's 128
+              # GGUF readers take the attention scale from head_dim (llama.cpp) or assume 256 (transformers)
+              "gemma3_text": lambda: Gemma3TextConfig(**{"head_dim": 256, "sliding_window": 64,
+                                                         "query_pre_attn_scalar": 256, **common})}[kind]()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
     """A local Hugging Face folder: tiny random Llama (2 layers, hidden 32) + the in-process tokenizer."""

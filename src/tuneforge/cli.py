@@ -161,7 +161,7 @@ def _predict(args) -> int:
                                      args.max_samples)
     if is_run and open_run(args.target).meta().get("stage") == "rm":
         from tuneforge.evaluate.predict import predict_rewards
-        from tuneforge.infer.reward import RewardModel
+        from tuneforge.model.reward import RewardModel
 
         result = predict_rewards(RewardModel.from_run(args.target), conversion.examples, args.batch_size)
     else:

@@ -73,9 +73,24 @@ def prepare_run_dir(cfg: TuneForgeConfig) -> tuple[RunDir, str | None]:
     if checkpoint is None and run.path.exists() and any(run.path.iterdir()):
         _clear_for_new_run(run, cfg)
     run.path.mkdir(parents=True, exist_ok=True)
+    if checkpoint is not None:
+        _trim_metrics(run, checkpoint)
     (run.path / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     run.update_meta(status="running", started=time.strftime("%Y-%m-%d %H:%M:%S"), resumed_from=checkpoint)
     return run, checkpoint
+
+
+def _trim_metrics(run: RunDir, checkpoint: str) -> None:
+    """Drop the records logged after the checkpoint a run resumes from: those steps run again and log again."""
+    metrics = run.path / "metrics.jsonl"
+    step = Path(checkpoint).name.rsplit("-", 1)[-1]
+    if not metrics.is_file() or not step.isdigit():
+        return
+    kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= int(step)]
+    tmp = metrics.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(metrics)
 
 
 def _clear_for_new_run(run: RunDir, cfg: TuneForgeConfig) -> None:

@@ -290,7 +290,8 @@ class DpoMethod(_Method):
     beta: float = Field(0.1, gt=0, description="Strength of the preference term (DPO's beta).")
     pref_ftx: float = Field(0.0, ge=0, description="Weight of an extra SFT loss on the chosen answers.")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Share of preference labels assumed flipped (DPO).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5,
+                                   description="Share of preference labels assumed flipped (DPO sigmoid and SimPO).")
 
 
 class KtoMethod(_Method):

@@ -7,25 +7,29 @@ from dataclasses import dataclass
 import torch
 
 
+def pad_right(seqs: list, pad_value: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids -> (B, W) long tensor padded on the right with `pad_value`, and its (B, W) attention mask."""
+    width = max([len(s) for s in seqs] + [width or 0])
+    ids = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 @dataclass
 class PadCollator:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
+        width = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
-            longest = (longest + m - 1) // m * m
-        batch = len(features)
-        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch, longest), -100, dtype=torch.long)
-        attention_mask = torch.zeros((batch, longest), dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            input_ids[i, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            labels[i, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
-            attention_mask[i, :n] = 1
+            width = (width + m - 1) // m * m
+        input_ids, attention_mask = pad_right([f["input_ids"] for f in features], self.pad_token_id, width)
+        labels, _ = pad_right([f["labels"] for f in features], -100, width)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -63,14 +63,21 @@ def convert_rows(spec: DatasetSpec, rows: list[RawRow], placeholders: dict[str, 
             continue
         if placeholders:
             _fill_placeholders(example, placeholders)
-        if default_system and example.messages and example.messages[0]["role"] != "system":
-            example.messages.insert(0, {"role": "system", "content": default_system})
+        if example.messages:
+            example.messages = with_system(example.messages, default_system)
         reason = _empty_reason(example)
         if reason:
             out.dropped[reason] += 1
         else:
             out.examples.append(example)
     return out
+
+
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
+    """The conversation with `system` as its first message, unless it has a system message of its own."""
+    if system and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system}] + messages
+    return messages
 
 
 def _check_columns_exist(spec: DatasetSpec, rows: list[RawRow]) -> None:

@@ -28,14 +28,18 @@ class Encoded:
     truncated: bool = False
 
 
-class Overlong(Exception):
+class Unusable(Exception):
+    """The row cannot be trained on by this stage (counted as a policy drop with the reason)."""
+
+
+class Overlong(Unusable):
     """The row cannot fit cutoff_len under the chosen policy."""
 
 
 def encode_sft(example: Example, tokenizer, template: ChatTemplate, cutoff_len: int, *,
                train_on_prompt: bool = False, mask_history: bool = False, overlong: str = "drop") -> Encoded:
     if not example.messages or example.messages[-1]["role"] != "assistant":
-        raise Overlong("the conversation does not end with an answer")
+        raise Unusable("the conversation does not end with an answer")
     _, encoded = _fit(example.messages, parse_tools(example.tools), tokenizer, template, cutoff_len,
                       train_on_prompt, mask_history, overlong)
     return encoded
@@ -52,16 +56,24 @@ def encode_pair(example: Example, tokenizer, template: ChatTemplate, cutoff_len:
     """A preference pair: the same prompt with the chosen and with the rejected answer; loss masks cover the
     final answer only. The prompt is shortened once, for the longer answer, and shared by both."""
     if not example.messages or example.messages[-1]["role"] == "assistant":
-        raise Overlong("a preference row needs a prompt that ends with a user turn")
+        raise Unusable("a preference row needs a prompt that ends with a user turn")
     tools = parse_tools(example.tools)
     answers = {"chosen": example.chosen, "rejected": example.rejected}
-    longer = max(answers, key=lambda k: len(tokenizer(answers[k], add_special_tokens=False)["input_ids"]))
+    tokens = {k: tokenizer(a, add_special_tokens=False)["input_ids"] for k, a in answers.items()}
+    longer = max(answers, key=lambda k: len(tokens[k]))
     shorter = "rejected" if longer == "chosen" else "chosen"
     fitted, long_enc = _fit(example.messages + [{"role": "assistant", "content": answers[longer]}], tools,
                             tokenizer, template, cutoff_len, False, True, overlong)
-    ids, labels = _tokenize(template, tokenizer, fitted[:-1] + [{"role": "assistant", "content": answers[shorter]}],
+    short_answer = answers[shorter]
+    if long_enc.truncated and overlong == "truncate_answer":  # the longer answer was cut: cut the other as far
+        cap = len(tokenizer(fitted[-1]["content"], add_special_tokens=False)["input_ids"])
+        if len(tokens[shorter]) > cap:
+            short_answer = tokenizer.decode(tokens[shorter][:cap], skip_special_tokens=False)
+    ids, labels = _tokenize(template, tokenizer, fitted[:-1] + [{"role": "assistant", "content": short_answer}],
                             tools, False, True)
-    short_enc = Encoded(ids, labels, long_enc.truncated)
+    if len(ids) > cutoff_len:  # re-tokenizing cut text can add a token or two
+        raise Overlong("answers longer than cutoff_len")
+    short_enc = Encoded(ids, labels, long_enc.truncated or short_answer != answers[shorter])
     return EncodedPair(**{longer: long_enc, shorter: short_enc})
 
 

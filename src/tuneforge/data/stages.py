@@ -10,13 +10,16 @@ from collections import Counter
 
 from tuneforge.config.schema import DataConfig
 from tuneforge.data.convert import Example
-from tuneforge.data.encode import Overlong, encode_pair, encode_pretrain, encode_sft
+from tuneforge.data.encode import Overlong, Unusable, encode_pair, encode_pretrain, encode_sft
 from tuneforge.data.template import ChatTemplate, parse_tools
 from tuneforge.data.tokenized import TokenizedData
 
 
-def _overlong(why: Overlong, cfg: DataConfig) -> str:
-    return f"{why} (cutoff_len={cfg.cutoff_len}; raise it or set data.overlong)"
+def _dropped(why: Unusable, cfg: DataConfig) -> str:
+    """The reason a row is left out; only rows too long for cutoff_len get the hint about length."""
+    if isinstance(why, Overlong):
+        return f"{why} (cutoff_len={cfg.cutoff_len}; raise it or set data.overlong)"
+    return str(why)
 
 
 def tokenize_sft(examples: list[Example], tokenizer, template: ChatTemplate, cfg: DataConfig):
@@ -25,8 +28,8 @@ def tokenize_sft(examples: list[Example], tokenizer, template: ChatTemplate, cfg
         try:
             enc = encode_sft(example, tokenizer, template, cfg.cutoff_len, train_on_prompt=cfg.train_on_prompt,
                              mask_history=cfg.mask_history, overlong=cfg.overlong)
-        except Overlong as why:
-            dropped[_overlong(why, cfg)] += 1
+        except Unusable as why:
+            dropped[_dropped(why, cfg)] += 1
             continue
         if all(y == -100 for y in enc.labels):
             dropped["no answer tokens left to learn from"] += 1
@@ -48,8 +51,8 @@ def tokenize_pairs(examples: list[Example], tokenizer, template: ChatTemplate, c
     for example in examples:
         try:
             pair = encode_pair(example, tokenizer, template, cfg.cutoff_len, cfg.overlong)
-        except Overlong as why:
-            dropped[_overlong(why, cfg)] += 1
+        except Unusable as why:
+            dropped[_dropped(why, cfg)] += 1
             continue
         truncated += pair.chosen.truncated
         columns["chosen_ids"].append(pair.chosen.input_ids)
@@ -69,8 +72,8 @@ def tokenize_kto(examples: list[Example], tokenizer, template: ChatTemplate, cfg
             enc = encode_sft(example, tokenizer, template, cfg.cutoff_len, mask_history=True, overlong=cfg.overlong)
             kl = encode_sft(mismatched, tokenizer, template, cfg.cutoff_len, mask_history=True,
                             overlong="truncate_answer")
-        except Overlong as why:
-            dropped[_overlong(why, cfg)] += 1
+        except Unusable as why:
+            dropped[_dropped(why, cfg)] += 1
             continue
         truncated += enc.truncated
         columns["ids"].append(enc.input_ids)

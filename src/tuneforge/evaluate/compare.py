@@ -13,7 +13,8 @@ from tuneforge.config import TuneForgeConfig, load_config
 from tuneforge.data.pipeline import load_examples
 from tuneforge.evaluate.metrics import repetition_metrics
 from tuneforge.evaluate.predict import predict, save_prediction, split_answers, summary
-from tuneforge.infer.engine import Engine, GenerationSettings, run_base_model
+from tuneforge.infer.engine import Engine, GenerationSettings
+from tuneforge.model.runs import run_base_model
 from tuneforge.model.loader import load_model, resolve_dtype
 from tuneforge.rundir import open_run
 
@@ -49,15 +50,24 @@ def _evaluate_dataset(engine: Engine, cfg: TuneForgeConfig, dataset: str):
 
 
 def _general_checks(engine: Engine, cfg: TuneForgeConfig) -> dict:
-    """Perplexity of reference answers (forgetting) and greedy generations (repetition) on general data."""
+    """Perplexity of reference answers (forgetting) and greedy generations (repetition) on general data, under the
+    general rows' own system prompt (none where they have none): the task's system prompt would ask the model
+    to do the task, and its perplexity would then measure obedience to that prompt, not forgetting. Where the
+    run has a task system prompt, the perplexity under it is reported as a second, labelled figure."""
     spec, conversion = load_examples(cfg.eval.general_dataset, cfg.data, cfg.eval.general_samples)
-    examples = [e for e in conversion.examples if e.messages[-1]["role"] == "assistant"]
-    nll, count = engine.answer_nll([e.messages for e in examples], batch_size=min(cfg.eval.batch_size, 8))
-    outputs = engine.generate_batch([e.messages[:-1] for e in examples],
-                                    GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens),
-                                    batch_size=min(cfg.eval.batch_size, 8), progress=True)
-    return {"dataset": spec.name, "answer_perplexity": math.exp(nll / max(count, 1)), "answer_tokens": count,
-            **repetition_metrics([o.text for o in outputs], [o.hit_limit for o in outputs])}
+    conversations = [e.messages for e in conversion.examples if e.messages[-1]["role"] == "assistant"]
+    plain = engine.with_default_system(None)
+    batch_size = min(cfg.eval.batch_size, 8)
+    nll, count = plain.answer_nll(conversations, batch_size=batch_size)
+    outputs = plain.generate_batch([c[:-1] for c in conversations],
+                                   GenerationSettings(max_new_tokens=cfg.eval.max_new_tokens),
+                                   batch_size=batch_size, progress=True)
+    result = {"dataset": spec.name, "answer_perplexity": math.exp(nll / max(count, 1)), "answer_tokens": count,
+              **repetition_metrics([o.text for o in outputs], [o.hit_limit for o in outputs])}
+    if engine.default_system:
+        task_nll, task_count = engine.answer_nll(conversations, batch_size=batch_size)
+        result["answer_perplexity_task_system_prompt"] = math.exp(task_nll / max(task_count, 1))
+    return result
 
 
 @contextlib.contextmanager
@@ -81,8 +91,9 @@ def format_table(report: dict) -> str:
                 rows.append((f"{dataset} {key}", [by_model[n].get(key) for n in names]))
         if "labels" in by_model[names[-1]]:
             rows.append((f"{dataset} accuracy (generated)", [by_model[n]["labels"]["accuracy"] for n in names]))
-    for key in ("answer_perplexity", "repetitive_share", "hit_max_new_tokens_share"):
-        if report["general"]:
+    for key in ("answer_perplexity", "answer_perplexity_task_system_prompt", "repetitive_share",
+                "hit_max_new_tokens_share"):
+        if report["general"] and key in report["general"][names[-1]]:
             label = report["general"][names[-1]]["dataset"]
             rows.append((f"{label} {key}", [report["general"][n][key] for n in names]))
     width = max([len(r[0]) for r in rows] + [10])

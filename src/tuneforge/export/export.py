@@ -8,7 +8,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.export.gguf_writer import write_gguf
 from tuneforge.export.merge import merged_model, model_card, save_hf
 from tuneforge.export.ollama import write_modelfile
-from tuneforge.infer.engine import run_base_model
+from tuneforge.model.runs import run_base_model
 from tuneforge.model.loader import CONVERTED_MARKER
 from tuneforge.rundir import open_run
 

@@ -2,12 +2,19 @@
 
 Supported architectures: llama (and mistral, which llama.cpp runs as llama), qwen2, qwen3, gemma3.
 Layout conventions follow llama.cpp: llama's q/k rows are interleaved per rotary pair, Gemma's norm weights
-are stored with the +1 that Hugging Face applies at run time, tied output weights are left out.
+are stored with the +1 that Hugging Face applies at run time, tied output weights are left out. The token
+list has one entry per embedding row (rows no token uses become unused [PAD<i>] tokens); byte-level BPE
+tokenizers carry llama.cpp's name for their pre-tokenizer, found as its converter finds it (the hash of a probe
+text's token ids, `gguf_pre_tokenizers.json`); RoPE scaling (linear, YaRN, Llama 3's per-frequency factors) is
+written as llama.cpp reads it. Files are checked by llama.cpp itself in the tests.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -15,14 +22,13 @@ import torch
 
 from tuneforge.errors import ConfigError
 
-# Hugging Face model_type -> (GGUF architecture, llama.cpp tokenizer pre-split name for byte-level BPE)
-ARCHITECTURES = {"llama": ("llama", "default"), "mistral": ("llama", "default"), "qwen2": ("qwen2", "qwen2"),
-                 "qwen3": ("qwen3", "qwen2"), "gemma3_text": ("gemma3", "default")}
+# Hugging Face model_type -> GGUF architecture
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3"}
 TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q5_1": "Q5_1", "q5_0": "Q5_0",
          "q4_1": "Q4_1", "q4_0": "Q4_0"}
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
               "q5_1": "MOSTLY_Q5_1", "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0"}
-TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_BYTE = 1, 3, 4, 6
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 3, 4, 5, 6
 
 
 def write_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", name: str = "model",
@@ -35,7 +41,7 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", name: str
                           "hint: export --format hf, then convert with llama.cpp's convert_hf_to_gguf.py")
     if qtype not in TYPES:
         raise ConfigError(f"--gguf-type {qtype!r}: expected one of {', '.join(TYPES)}")
-    arch_name, default_pre = ARCHITECTURES[cfg.model_type]
+    arch_name = ARCHITECTURES[cfg.model_type]
     if arch_name == "gemma3" and cfg.query_pre_attn_scalar != cfg.head_dim:
         raise ConfigError("GGUF has no field for Gemma 3's query_pre_attn_scalar and readers use head_dim "
                           f"({cfg.head_dim}) in its place; this model uses {cfg.query_pre_attn_scalar}")
@@ -43,8 +49,11 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", name: str
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), arch_name)
     _write_config(writer, cfg, arch_name, name, gguf.LlamaFileType[FILE_TYPES[qtype]])
-    _write_tokenizer(writer, tokenizer, pre_tokenizer or default_pre)
+    _write_tokenizer(writer, tokenizer, pre_tokenizer, rows=model.get_input_embeddings().weight.shape[0])
     names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    rope_freqs = _llama3_rope_factors(cfg)
+    if rope_freqs is not None:  # llama.cpp divides its frequencies by these factors
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs)
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -72,6 +81,7 @@ def _write_config(writer, cfg, arch: str, name: str, file_type) -> None:
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_rope_freq_base(_rope_theta(cfg))
+    _write_rope_scaling(writer, _rope_parameters(cfg))
     writer.add_file_type(file_type)
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim)
@@ -82,11 +92,51 @@ def _write_config(writer, cfg, arch: str, name: str, file_type) -> None:
         writer.add_sliding_window(cfg.sliding_window)
 
 
-def _rope_theta(cfg) -> float:
+def _rope_parameters(cfg) -> dict:
     params = getattr(cfg, "rope_parameters", None) or {}
-    if "full_attention" in params:  # per-layer-type parameters (Gemma 3): the global layers' base
+    if "full_attention" in params:  # per-layer-type parameters (Gemma 3): the global layers'
         params = params["full_attention"]
-    return float(params.get("rope_theta") or getattr(cfg, "rope_theta", 10000.0))
+    return params
+
+
+def _rope_theta(cfg) -> float:
+    return float(_rope_parameters(cfg).get("rope_theta") or getattr(cfg, "rope_theta", 10000.0))
+
+
+def _write_rope_scaling(writer, params: dict) -> None:
+    import gguf
+
+    kind, factor = params.get("rope_type", "default"), params.get("factor")
+    if kind in ("default", "llama3"):  # llama3: per-frequency factors in the rope_freqs tensor
+        return
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_orig_ctx_len(params["original_max_position_embeddings"])
+        for key, add in (("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+                         ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if params.get(key) is not None:
+                add(params[key])
+    else:
+        raise ConfigError(f"GGUF export: RoPE scaling {kind!r} is not written by TuneForge; hint: export --format hf, "
+                          "then convert with llama.cpp's convert_hf_to_gguf.py")
+
+
+def _llama3_rope_factors(cfg) -> np.ndarray | None:
+    """Llama 3.x RoPE: llama.cpp divides each base frequency by a factor from a `rope_freqs` tensor. The factors
+    are the ratio of the unscaled to the scaled inverse frequencies that transformers itself computes."""
+    if _rope_parameters(cfg).get("rope_type") != "llama3":
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    plain = 1.0 / (_rope_theta(cfg) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    return (plain / scaled.double()).float().numpy()
 
 
 def _to_gguf_layout(w: torch.Tensor, gguf_name: str, arch: str, cfg) -> torch.Tensor:
@@ -118,7 +168,7 @@ def _add_tensor(writer, name: str, data: np.ndarray, qtype: str) -> None:
     writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=kind)
 
 
-def _write_tokenizer(writer, tokenizer, pre: str) -> None:
+def _write_tokenizer(writer, tokenizer, pre: str | None, rows: int) -> None:
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec["model"]
     if model["type"] != "BPE":
@@ -126,23 +176,24 @@ def _write_tokenizer(writer, tokenizer, pre: str) -> None:
     vocab = dict(model["vocab"])
     for added in spec.get("added_tokens", []):
         vocab[added["content"]] = added["id"]
-    size = max(vocab.values()) + 1
+    size = max(max(vocab.values()) + 1, rows)  # one token per embedding row: readers check the two agree
     tokens = [f"[PAD{i}]" for i in range(size)]
     for token, i in vocab.items():
         tokens[i] = token
+    used = set(vocab.values())
     special = {a["content"] for a in spec.get("added_tokens", []) if a.get("special")}
     added = {a["content"] for a in spec.get("added_tokens", []) if not a.get("special")}
     byte_fallback = bool(model.get("byte_fallback"))
-    types = [TOKEN_CONTROL if t in special else TOKEN_USER_DEFINED if t in added
+    types = [TOKEN_UNUSED if i not in used else TOKEN_CONTROL if t in special else TOKEN_USER_DEFINED if t in added
              else TOKEN_BYTE if byte_fallback and t.startswith("<0x") and t.endswith(">") and len(t) == 6
-             else TOKEN_NORMAL for t in tokens]
+             else TOKEN_NORMAL for i, t in enumerate(tokens)]
     if byte_fallback:  # sentencepiece-style vocabulary (Gemma): llama.cpp's "llama" tokenizer
         writer.add_tokenizer_model("llama")
         writer.add_token_scores([-float(i) for i in range(size)])  # merge priority follows token order
         writer.add_add_space_prefix(False)
     else:
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
+        writer.add_tokenizer_pre(pre or detect_pre_tokenizer(tokenizer))
         writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
     writer.add_token_list(tokens)
     writer.add_token_types(types)
@@ -153,3 +204,22 @@ def _write_tokenizer(writer, tokenizer, pre: str) -> None:
     writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+@lru_cache(maxsize=1)
+def _pre_tokenizer_table() -> dict:
+    return json.loads(resources.files("tuneforge.export").joinpath("gguf_pre_tokenizers.json").read_text("utf-8"))
+
+
+def detect_pre_tokenizer(tokenizer) -> str:
+    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer (how text is split before merging: digits,
+    contractions, CJK), identified as llama.cpp's converter identifies it. Unknown ones are refused: a reader
+    would split text differently from how the model was trained."""
+    table = _pre_tokenizer_table()
+    digest = hashlib.sha256(str(tokenizer.encode(table["probe"])).encode()).hexdigest()
+    if digest not in table["hashes"]:
+        raise ConfigError(f"GGUF export: llama.cpp knows no pre-tokenizer that splits text like this tokenizer "
+                          f"(probe hash {digest[:16]}...), so llama.cpp and Ollama would tokenize differently from "
+                          "training. hint: export --format hf and convert with a llama.cpp release whose "
+                          "convert_hf_to_gguf.py knows the model")
+    return table["hashes"][digest][0]

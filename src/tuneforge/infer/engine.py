@@ -6,6 +6,7 @@ Loads a run directory (base model + adapter, unmerged), a merged model folder, o
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +16,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneforge.config import ModelConfig
+from tuneforge.data.collate import pad_right
+from tuneforge.data.convert import Example, with_system
+from tuneforge.data.encode import Unusable, encode_sft
+from tuneforge.data.template import ChatTemplate, resolve_template, stop_token_ids
 from tuneforge.errors import ModelError
-from tuneforge.data.template import resolve_template, stop_token_ids
-from tuneforge.model.adapters import ADAPTED_BASE, load_adapted_base
-from tuneforge.model.loader import fit_vocabulary, load_model, load_tokenizer, resolve_dtype, resolve_model
+from tuneforge.model.adapters import ADAPTED_BASE
+from tuneforge.model.loader import load_model, load_tokenizer, resolve_dtype, resolve_model
+from tuneforge.model.runs import load_run_weights, run_base_model
+from tuneforge.model.scoring import causal_lm_loss_sum, supervised_logits, token_logprobs
 from tuneforge.rundir import META, open_run
-from tuneforge.train.losses import causal_lm_loss_sum, next_token_mask, next_token_targets
 
 
 class GenerationSettings(BaseModel):
@@ -30,35 +35,6 @@ class GenerationSettings(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens with this mass.")
     top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens (0: no limit).")
     repetition_penalty: float = Field(1.0, gt=0, description="Above 1 discourages repeating tokens.")
-
-
-def run_base_model(run) -> str:
-    """The base model folder a run was trained on; converted or downloaded again where the cache lost it."""
-    base = run.meta().get("base_model")
-    if base and Path(base).is_dir():
-        return base
-    return resolve_model(run.config().model).path
-
-
-def load_run_weights(run, reward: bool = False):
-    """The trained model of a run directory and its tokenizer: base + adapter/ (not merged), or model/.
-    `reward` loads the body with its one-output score head (runs of stage rm)."""
-    cfg = run.config()
-    weights = run.weights
-    if not weights.is_dir():
-        raise ModelError(f"{run.path}: no adapter/ or model/ folder; the run has not saved weights yet")
-    base = run_base_model(run)
-    tokenizer = load_tokenizer(str(weights), cfg.model.trust_remote_code)
-    dtype = resolve_dtype(cfg.model.dtype)
-    if weights.name == "adapter":
-        from peft import PeftModel
-
-        model = load_model(base, dtype, cfg.model.trust_remote_code, reward=reward)
-        fit_vocabulary(model, tokenizer, mean_init=False)  # model.new_special_tokens: the adapter holds their rows
-        if (run.path / ADAPTED_BASE).is_file():  # LoftQ: the quantized weights the adapter was trained on
-            load_adapted_base(model, run.path / ADAPTED_BASE)
-        return PeftModel.from_pretrained(model, str(weights)), tokenizer
-    return load_model(str(weights), dtype, cfg.model.trust_remote_code, reward=reward), tokenizer
 
 
 class Engine:
@@ -121,6 +97,12 @@ class Engine:
         base.adapter_off = True
         return base
 
+    def with_default_system(self, system: str | None) -> "Engine":
+        """The same model and settings, with another system prompt for conversations that carry none (None: none)."""
+        other = copy.copy(self)
+        other.default_system = system
+        return other
+
     @contextlib.contextmanager
     def active(self):
         """Context in which this engine's model is what it says it is (adapter off for `without_adapter`)."""
@@ -131,9 +113,7 @@ class Engine:
             yield self
 
     def with_system(self, messages: list[dict]) -> list[dict]:
-        if self.default_system and (not messages or messages[0]["role"] != "system"):
-            return [{"role": "system", "content": self.default_system}] + messages
-        return messages
+        return with_system(messages, self.default_system)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation followed by the template's generation prompt."""
@@ -194,89 +174,70 @@ class Engine:
         return results
 
     def label_ids(self, labels: list[str]) -> list[list[int]]:
-        """Token ids of each label as the model would write it right after the generation prompt."""
-        probe = self.tokenizer.apply_chat_template(self.with_system([{"role": "user", "content": "x"}]),
-                                                   add_generation_prompt=True, tokenize=False)
-        prefix = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+        """Token ids of each label as the model writes it after the generation prompt, through the template's
+        end-of-answer token: scored with it, "1" cannot beat "10" merely by being its first token."""
+        probe = self.with_system([{"role": "user", "content": "x"}])
+        prefix = self.prompt_ids(probe)
         out = []
         for label in labels:
-            joined = self.tokenizer(probe + label, add_special_tokens=False)["input_ids"]
-            ids = joined[len(prefix):] if joined[: len(prefix)] == prefix else \
-                self.tokenizer(label, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise ValueError(f"label {label!r} tokenizes to nothing")
+            if not label:
+                raise ValueError("a label must not be empty")
+            full = self.tokenizer.apply_chat_template(probe + [{"role": "assistant", "content": label}],
+                                                      return_dict=False)
+            answer = full[len(prefix):] if full[: len(prefix)] == prefix else []
+            end = next((k for k, t in enumerate(answer) if t in self.stop_ids), None)
+            if end is None:  # the template writes no stop token after an answer: append the first one
+                ids = self.tokenizer(label, add_special_tokens=False)["input_ids"] + self.stop_ids[:1]
+            else:
+                ids = answer[: end + 1]
             out.append(ids)
         return out
 
     @torch.inference_mode()
     def score_labels(self, conversations: list[list[dict]], labels: list[str], batch_size: int = 16,
                      progress: bool = False) -> list[list[float]]:
-        """log P(label | prompt) for every conversation and candidate label: one forward pass per prompt
-        when all labels are single tokens, else one per (prompt, label); logits only where labels are."""
+        """log P(label + end of answer | prompt) for every conversation and candidate label: one forward pass over
+        every (prompt, label) row of a batch, with logits only where label tokens are predicted."""
         label_ids = self.label_ids(labels)
         prompts = [self.prompt_ids(c) for c in conversations]
         scores = [[0.0] * len(labels) for _ in prompts]
-        single = all(len(ids) == 1 for ids in label_ids)
         for batch in _length_batches(prompts, batch_size, progress, "scoring"):
-            if single:
-                first = torch.tensor([ids[0] for ids in label_ids])
-                logp = self._last_logprobs([prompts[i] for i in batch])  # (B, V)
-                for row, i in enumerate(batch):
-                    scores[i] = logp[row, first].tolist()
-                continue
-            for k, ids in enumerate(label_ids):
-                sums = self._continuation_logprob([prompts[i] for i in batch], ids)
-                for row, i in enumerate(batch):
-                    scores[i][k] = sums[row]
+            rows = [prompts[i] for i in batch for _ in label_ids]
+            sums = self.continuation_logprobs(rows, [ids for _ in batch for ids in label_ids])
+            for row, i in enumerate(batch):
+                scores[i] = sums[row * len(label_ids): (row + 1) * len(label_ids)]
         return scores
 
-    def _padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.tensor([s + [self.tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        return ids.to(self.model.device), mask.to(self.model.device)
-
-    def _last_logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
-        ids, mask = self._padded(seqs)
-        last = (mask.sum(1) - 1).unsqueeze(1)  # (B, 1): the last real position of each right-padded row
-        logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=last).logits  # (B, 1, V)
-        return torch.log_softmax(logits[:, 0].float(), dim=-1)
-
-    def _continuation_logprob(self, prompts: list[list[int]], continuation: list[int]) -> list[float]:
-        ids, mask = self._padded([p + continuation for p in prompts])
-        keep = torch.zeros_like(mask, dtype=torch.bool)
-        for row, p in enumerate(prompts):
-            keep[row, len(p) - 1: len(p) - 1 + len(continuation)] = True  # positions predicting the label
-        logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # (B * C, V)
-        targets = torch.tensor(continuation * len(prompts), device=logits.device)
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])
-        return logp.view(len(prompts), len(continuation)).sum(1).tolist()
+    def continuation_logprobs(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
+        """Summed log-probabilities of each continuation after its prompt, from one batched forward pass."""
+        ids, mask = pad_right([p + c for p, c in zip(prompts, continuations)], self.tokenizer.pad_token_id)
+        labels = torch.full_like(ids, -100)
+        for row, (p, c) in enumerate(zip(prompts, continuations)):
+            labels[row, len(p): len(p) + len(c)] = torch.tensor(c)
+        logits, targets = supervised_logits(self.model, labels.to(self.model.device),
+                                            input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device))
+        logps = token_logprobs(logits, targets)  # (K,) row-major: each row's continuation in order
+        return [part.sum().item() for part in logps.split([len(c) for c in continuations])]
 
     @torch.inference_mode()
     def answer_nll(self, conversations: list[list[dict]], batch_size: int = 8) -> tuple[float, int]:
         """Summed negative log-likelihood of the answers of full conversations (answer tokens only), and their count:
         perplexity = exp(nll / count). Conversations are rendered and masked exactly as in training."""
-        from tuneforge.data.convert import Example
-        from tuneforge.data.encode import Overlong, encode_sft
-        from tuneforge.data.template import ChatTemplate
-
         template = ChatTemplate("engine", self.tokenizer.chat_template)
         encoded = []
         for c in conversations:
             try:
                 encoded.append(encode_sft(Example("eval", self.with_system(c)), self.tokenizer, template, 2048))
-            except Overlong:
+            except Unusable:
                 continue
         total, count = 0.0, 0
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start: start + batch_size]
-            ids, mask = self._padded([e.input_ids for e in chunk])
-            labels = torch.full_like(ids, -100)
-            for row, e in enumerate(chunk):
-                labels[row, : len(e.labels)] = torch.tensor(e.labels)
-            keep = next_token_mask(labels)
-            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-            targets = next_token_targets(labels, keep)
+            ids, mask = pad_right([e.input_ids for e in chunk], self.tokenizer.pad_token_id)
+            labels, _ = pad_right([e.labels for e in chunk], -100)
+            device = self.model.device
+            logits, targets = supervised_logits(self.model, labels.to(device), input_ids=ids.to(device),
+                                                attention_mask=mask.to(device))
             total += causal_lm_loss_sum(logits, targets).item()
             count += targets.numel()
         return total, count

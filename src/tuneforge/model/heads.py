@@ -1,27 +1,9 @@
-"""Scalar heads on a transformer: rewards at the last real token (reward models), values per token (PPO)."""
+"""PPO's value head: a scalar per token on top of the policy's last hidden state."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-
-
-def backbone_and_score(model):
-    """The transformer body and the scoring layer of a (possibly PEFT-wrapped) sequence-classification model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    score = getattr(base, "score", None)
-    if score is None:
-        raise ValueError(f"{type(base).__name__} has no `score` layer; reward models need a ForSequenceClassification class")
-    return base.base_model, score
-
-
-def last_token_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(N,) score at each row's last real token (right padding), independent of which token is the pad."""
-    body, score = backbone_and_score(model)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (N, T, H)
-    last = attention_mask.sum(1) - 1
-    picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, H)
-    return score(picked).squeeze(-1).float()
 
 
 class ValueHead(nn.Module):

@@ -3,11 +3,15 @@ moves the policy towards higher reward while a KL penalty keeps it near where it
 
 One step: sample answers for `train.batch_size` prompts -> log-probabilities under the policy and the reference
 (the policy with its adapter off, or a frozen copy), values from a value head, rewards -> GAE -> `ppo_epochs`
-clipped updates. Devices and mixed precision come from accelerate.
+clipped updates. Log-probabilities are those of the sampling distribution, softmax(logits / temperature), for the
+policy, the old policy and the reference alike (as TRL computes them). Devices come from accelerate.
+Checkpoints hold everything needed to continue exactly: trainable weights, value head, optimizer, schedule,
+step, prompt order and random states (`ppo_checkpoint.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -17,15 +21,18 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import GenerationConfig, get_scheduler
 
+from tuneforge.data.collate import pad_right
 from tuneforge.data.pipeline import tokenizer_fingerprint
 from tuneforge.data.template import stop_token_ids
 from tuneforge.errors import ConfigError
-from tuneforge.infer.reward import RewardModel
 from tuneforge.model.heads import ValueHead
+from tuneforge.model.reward import RewardModel
+from tuneforge.model.scoring import forward_at, token_logprobs, unwrap
 from tuneforge.rundir import RunDir
 from tuneforge.train.callbacks import GracefulStop, plot_loss
+from tuneforge.train.ppo_checkpoint import PPOState, load_ppo_checkpoint, save_ppo_checkpoint
 from tuneforge.train.ppo_losses import gae, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
 
 
@@ -42,9 +49,9 @@ class Rollout:
     scores: torch.Tensor  # (B,) reward model
 
 
-def run_ppo(cfg, model, prepared, run: RunDir, ref_model=None, reward=None):
+def run_ppo(cfg, model, prepared, run: RunDir, ref_model=None, reward=None, checkpoint: str | None = None):
     """`reward`: anything with `tokenizer`, `model` and `score_ids(sequences) -> list[float]`; by default the
-    reward model run of method.reward_model."""
+    reward model run of method.reward_model. `checkpoint`: a checkpoint folder of this run to continue from."""
     from tuneforge.train.run import RunResult
 
     m, t = cfg.method, cfg.train
@@ -59,43 +66,54 @@ def run_ppo(cfg, model, prepared, run: RunDir, ref_model=None, reward=None):
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     prompts = prepared.data.train.columns["prompt_ids"]
     steps = t.max_steps or math.ceil(len(prompts) * t.num_epochs / t.batch_size)
-    scheduler = get_scheduler(t.lr_scheduler, optimizer, int(t.warmup_ratio * steps), steps)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, math.ceil(t.warmup_ratio * steps), steps)
     model, value_head, optimizer = accelerator.prepare(model, value_head, optimizer)
     if ref_model is not None:
         ref_model.to(accelerator.device)
     reward.model.to(accelerator.device)
+    state = PPOState(rng=random.Random(t.seed))
+    if checkpoint:
+        state = load_ppo_checkpoint(checkpoint, accelerator.unwrap_model(model), value_head, optimizer, scheduler)
+        print(f"tuneforge: ppo continues after step {state.step} from {checkpoint}", flush=True)
     tokenizer, stop = prepared.tokenizer, GracefulStop()
-    stop_ids = stop_token_ids(tokenizer, prepared.template.stop) or [tokenizer.eos_token_id]
-    order, rng = [], random.Random(t.seed)
+    sampler = Sampler(tokenizer, stop_token_ids(tokenizer, prepared.template.stop) or [tokenizer.eos_token_id], m)
     stop.on_train_begin(None, None, None)
-    history = []
-    for step in tqdm(range(1, steps + 1), desc="ppo", unit="step"):
-        if len(order) < t.batch_size:
-            order += rng.sample(range(len(prompts)), len(prompts))
-        batch, order = [list(prompts[i]) for i in order[: t.batch_size]], order[t.batch_size:]
+    for step in tqdm(range(state.step + 1, steps + 1), desc="ppo", unit="step", initial=state.step, total=steps):
+        if len(state.order) < t.batch_size:
+            state.order += state.rng.sample(range(len(prompts)), len(prompts))
+        batch, state.order = [list(prompts[i]) for i in state.order[: t.batch_size]], state.order[t.batch_size:]
         clock = time.perf_counter()
-        rollout = collect(accelerator.unwrap_model(model), value_head, ref_model, reward, batch, tokenizer,
-                          stop_ids, m, accelerator.device)
+        rollout = collect(accelerator.unwrap_model(model), value_head, ref_model, reward, batch, sampler,
+                          accelerator.device)
         stats = update(model, value_head, optimizer, accelerator, rollout, m, params, t.max_grad_norm)
         scheduler.step()
+        state.step = step
         stats.update(step=step, learning_rate=scheduler.get_last_lr()[0],
                      seconds_per_step=round(time.perf_counter() - clock, 2))
-        history.append(stats)
+        state.history.append({k: stats[k] for k in ("reward", "kl")})
         if step % t.logging_steps == 0 or step == 1 or step == steps:
             _log(run, stats, cfg.output.plot_loss)
-        if step % t.save_steps == 0:
-            _save(accelerator.unwrap_model(model), tokenizer, run.checkpoints / f"checkpoint-{step}")
+        if step % t.save_steps == 0 or stop.requested:
+            save_ppo_checkpoint(run.checkpoints, state, accelerator.unwrap_model(model), value_head, optimizer,
+                                scheduler, t.save_total_limit)
         if stop.requested:
             break
     stop.on_train_end(None, None, None)
     status = "interrupted" if stop.requested else "completed"
-    _save(accelerator.unwrap_model(model), tokenizer, run.path / ("adapter" if cfg.method.adapter.type == "lora" else "model"))
+    policy = accelerator.unwrap_model(model)
+    target = run.path / ("adapter" if cfg.method.adapter.type == "lora" else "model")
+    policy.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    history = state.history or [{"reward": float("nan"), "kl": float("nan")}]
     head = max(1, len(history) // 4)
     metrics = {"reward_first_quarter": sum(h["reward"] for h in history[:head]) / head,
                "reward_last_quarter": sum(h["reward"] for h in history[-head:]) / head,
-               "kl_last": history[-1]["kl"], "steps": len(history)}
+               "kl_last": history[-1]["kl"], "steps": state.step}
     run.update_meta(status=status, finished=time.strftime("%Y-%m-%d %H:%M:%S"), metrics=metrics,
-                    global_step=len(history))
+                    global_step=state.step)
+    if status == "interrupted":
+        print(f"tuneforge: interrupted at step {state.step}; continue with "
+              f"`tuneforge train {run.path / 'config.yaml'} train.resume_from_checkpoint=auto`", flush=True)
     return RunResult(run.path, status, metrics)
 
 
@@ -107,64 +125,78 @@ def _log(run: RunDir, stats: dict, plot: bool) -> None:
         plot_loss(run.path / "metrics.jsonl", run.path / "loss.png")
 
 
-def _save(model, tokenizer, path) -> None:
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+class Sampler:
+    """Samples rollouts from softmax(logits / temperature) with top-p, and nothing else: the model's own saved
+    generation settings (repetition_penalty, min_length, top_k, ...) are kept out, because the PPO ratio and KL
+    assume that this is the distribution the answers came from."""
+
+    def __init__(self, tokenizer, stop_ids: list[int], m):
+        self.stop_ids = stop_ids
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.temperature = m.temperature
+        self.config = GenerationConfig(do_sample=True, temperature=m.temperature, top_p=m.top_p, top_k=0,
+                                       max_new_tokens=m.max_new_tokens, eos_token_id=stop_ids, pad_token_id=self.pad)
+
+    @torch.no_grad()
+    def sample(self, policy, prompts: list[list[int]], device) -> list[list[int]]:
+        """One answer per prompt, ending with its stop token where it stopped."""
+        width = max(len(p) for p in prompts)
+        left = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=device)
+        left_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        with _neutral_generation_config(policy):
+            out = policy.generate(input_ids=left, attention_mask=left_mask, generation_config=self.config)
+        answers = []
+        for row in out[:, width:].tolist():
+            end = next((k + 1 for k, tok in enumerate(row) if tok in self.stop_ids), len(row))  # keep the stop token
+            answers.append(row[:end] or [self.stop_ids[0]])
+        return answers
+
+
+@contextlib.contextmanager
+def _neutral_generation_config(model):
+    """generate() fills every setting left unset in the config it is given from the model's own generation
+    config; for the duration of sampling that is a blank one."""
+    inner = unwrap(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
 
 
 @torch.no_grad()
-def collect(policy, value_head, ref_model, reward: RewardModel, prompts: list[list[int]], tokenizer,
-            stop_ids: list[int], m, device) -> Rollout:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(len(p) for p in prompts)
-    left = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    left_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    out = policy.generate(input_ids=left, attention_mask=left_mask, do_sample=True, temperature=m.temperature,
-                          top_p=m.top_p, top_k=None, max_new_tokens=m.max_new_tokens, eos_token_id=stop_ids,
-                          pad_token_id=pad)
-    answers = []
-    for row in out[:, width:].tolist():
-        end = next((k + 1 for k, tok in enumerate(row) if tok in stop_ids), len(row))  # keep the stop token
-        answers.append(row[:end] or [stop_ids[0]])
+def collect(policy, value_head, ref_model, reward, prompts: list[list[int]], sampler: Sampler, device) -> Rollout:
+    answers = sampler.sample(policy, prompts, device)
     sequences = [p + a for p, a in zip(prompts, answers)]
-    ids, attention, positions, mask, answer_ids = _layout(prompts, answers, pad, device)
-    logprobs, values = answer_logprobs(policy, value_head, ids, attention, positions, mask, answer_ids)
+    ids, attention, positions, mask, answer_ids = _layout(prompts, answers, sampler.pad, device)
+    temperature = sampler.temperature
+    logprobs, values = answer_logprobs(policy, value_head, ids, attention, positions, mask, answer_ids, temperature)
     if ref_model is not None:
-        ref_logprobs, _ = answer_logprobs(ref_model, None, ids, attention, positions, mask, answer_ids)
+        ref_logprobs, _ = answer_logprobs(ref_model, None, ids, attention, positions, mask, answer_ids, temperature)
     else:
         with policy.disable_adapter():
-            ref_logprobs, _ = answer_logprobs(policy, None, ids, attention, positions, mask, answer_ids)
+            ref_logprobs, _ = answer_logprobs(policy, None, ids, attention, positions, mask, answer_ids, temperature)
     scores = torch.tensor(reward.score_ids(sequences), device=device)
     return Rollout(ids, attention, positions, mask, answer_ids, logprobs, values, ref_logprobs, scores)
 
 
 def _layout(prompts, answers, pad, device):
     """Right-padded prompt+answer rows; for each answer token, the position whose logits predict it."""
-    width = max(len(p) + len(a) for p, a in zip(prompts, answers))
-    longest = max(len(a) for a in answers)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    positions = torch.zeros((len(prompts), longest), dtype=torch.long)
-    mask = torch.zeros((len(prompts), longest))
-    answer_ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
-    for b, (p, a) in enumerate(zip(prompts, answers)):
-        ids[b, : len(p) + len(a)] = torch.tensor(p + a)
-        attention[b, : len(p) + len(a)] = 1
-        positions[b, : len(a)] = torch.arange(len(p) - 1, len(p) - 1 + len(a))
-        mask[b, : len(a)] = 1
-        answer_ids[b, : len(a)] = torch.tensor(a)
-    return ids.to(device), attention.to(device), positions.to(device), mask.to(device), answer_ids.to(device)
+    ids, attention = pad_right([p + a for p, a in zip(prompts, answers)], pad)
+    answer_ids, mask = pad_right(answers, pad)  # (B, R)
+    starts = torch.tensor([len(p) - 1 for p in prompts])[:, None]  # (B, 1) the position predicting answer token 0
+    positions = (starts + torch.arange(answer_ids.shape[1])[None, :]) * mask  # (B, R); padding points at 0
+    return ids.to(device), attention.to(device), positions.to(device), mask.float().to(device), answer_ids.to(device)
 
 
-def answer_logprobs(model, value_head, ids, attention, positions, mask, answer_ids):
-    """(B, R) log-probabilities of the answer tokens, and values (B, R) when a value head is given."""
-    out = model(input_ids=ids, attention_mask=attention, output_hidden_states=value_head is not None, use_cache=False,
-                logits_to_keep=positions)  # logits only where answer tokens are predicted: (B, R, V)
-    logprobs = torch.log_softmax(out.logits.float(), dim=-1).gather(2, answer_ids[..., None]).squeeze(-1) * mask
-    if value_head is None:
-        return logprobs, None
-    hidden = torch.gather(out.hidden_states[-1], 1, positions[..., None].expand(-1, -1, out.hidden_states[-1].shape[-1]))
-    return logprobs, value_head(hidden) * mask
+def answer_logprobs(model, value_head, ids, attention, positions, mask, answer_ids, temperature: float = 1.0):
+    """(B, R) log-probabilities of the answer tokens under softmax(logits / temperature), and values (B, R) from
+    the final hidden states when a value head is given."""
+    out, hidden = forward_at(model, positions, input_ids=ids, attention_mask=attention)  # (B, R, V), (B, R, H)
+    logprobs = token_logprobs(out.logits, answer_ids, temperature) * mask
+    return logprobs, (value_head(hidden) * mask if value_head is not None else None)
 
 
 def update(model, value_head, optimizer, accelerator, r: Rollout, m, params, max_grad_norm) -> dict:
@@ -173,7 +205,7 @@ def update(model, value_head, optimizer, accelerator, r: Rollout, m, params, max
     advantages = whiten(advantages, r.mask)
     for _ in range(m.ppo_epochs):
         logprobs, values = answer_logprobs(model, value_head, r.input_ids, r.attention_mask, r.positions, r.mask,
-                                           r.answer_ids)
+                                           r.answer_ids, m.temperature)
         policy_loss = ppo_policy_loss(logprobs, r.logprobs, advantages, r.mask, m.clip_range)
         value_loss = ppo_value_loss(values, r.values, returns, r.mask, m.value_clip)
         loss = policy_loss + m.vf_coef * value_loss

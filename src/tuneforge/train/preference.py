@@ -31,10 +31,12 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     raise ValueError(f"unknown DPO loss {kind!r}")
 
 
-def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> torch.Tensor:
     """SimPO: no reference model; length-averaged log-probabilities with a target margin gamma.
-    -log sigmoid(beta (avg_c - avg_r) - gamma)."""
-    return -F.logsigmoid(beta * (chosen_avg - rejected_avg) - gamma)
+    -(1 - eps) log sigmoid(z) - eps log sigmoid(-z), z = beta (avg_c - avg_r) - gamma."""
+    z = beta * (chosen_avg - rejected_avg) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
 
 
 def orpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, chosen_nll: torch.Tensor,
@@ -43,6 +45,32 @@ def orpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, chosen_nll: 
     -log sigmoid(log odds(c) - log odds(r)), with odds(y) = p / (1 - p) and p = exp(avg log-prob)."""
     log_odds = (chosen_avg - rejected_avg) - (torch.log1p(-torch.exp(chosen_avg)) - torch.log1p(-torch.exp(rejected_avg)))
     return chosen_nll - beta * F.logsigmoid(log_odds)
+
+
+def pair_losses(m, chosen: torch.Tensor, rejected: torch.Tensor, chosen_count: torch.Tensor,
+                rejected_count: torch.Tensor, ref_chosen: torch.Tensor | None = None,
+                ref_rejected: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The configured preference loss (method.pref_loss) of a batch of pairs from summed answer log-probabilities
+    and answer lengths, plus the rewards logged for each side (as TRL logs them: beta times the summed log-ratio
+    for the DPO family, beta times the average log-probability for ORPO and SimPO). Returns (B,) tensors."""
+    chosen_avg, rejected_avg = chosen / chosen_count.clamp(min=1), rejected / rejected_count.clamp(min=1)
+    kind, beta = m.pref_loss, m.beta
+    if kind in ("sigmoid", "hinge", "ipo"):
+        if kind == "ipo":  # IPO's margin is per token
+            losses = dpo_loss(chosen_avg, rejected_avg, ref_chosen / chosen_count.clamp(min=1),
+                              ref_rejected / rejected_count.clamp(min=1), beta, "ipo")
+        else:
+            losses = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, kind, m.label_smoothing)
+        chosen_reward, rejected_reward = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+    elif kind == "orpo":
+        losses = orpo_loss(chosen_avg, rejected_avg, -chosen_avg, beta)
+        chosen_reward, rejected_reward = beta * chosen_avg, beta * rejected_avg
+    else:
+        losses = simpo_loss(chosen_avg, rejected_avg, beta, m.simpo_gamma, m.label_smoothing)
+        chosen_reward, rejected_reward = beta * chosen_avg, beta * rejected_avg
+    if m.pref_ftx > 0 and kind != "orpo":  # ORPO already holds the SFT term
+        losses = losses + m.pref_ftx * -chosen_avg
+    return losses, chosen_reward.detach(), rejected_reward.detach()
 
 
 def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,

@@ -10,24 +10,14 @@ from collections import defaultdict
 
 import torch
 
-from tuneforge.model.heads import last_token_rewards
-from tuneforge.train.losses import next_token_mask, next_token_targets
-from tuneforge.train.preference import dpo_loss, kto_loss, orpo_loss, pairwise_reward_loss, simpo_loss
+from tuneforge.model.scoring import last_token_rewards, sequence_logprobs
+from tuneforge.train.preference import kto_loss, pair_losses, pairwise_reward_loss
 from tuneforge.train.trainer import TuneForgeTrainer
 
 
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of each row's supervised tokens, (N,), and their counts, (N,)."""
-    labels = batch["labels"]
-    keep = next_token_mask(labels)  # (N, T)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
-                   use_cache=False).logits  # (K, V): kept positions in row-major order
-    targets = next_token_targets(labels, keep)  # (K,)
-    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
-    rows = keep.nonzero(as_tuple=True)[0]
-    n = labels.shape[0]
-    sums = torch.zeros(n, device=token_logps.device, dtype=token_logps.dtype).index_add(0, rows, token_logps)
-    return sums, torch.bincount(rows, minlength=n).to(sums.dtype)
+    return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
 class _StatsTrainer(TuneForgeTrainer):
@@ -67,25 +57,12 @@ class DPOTrainer(_StatsTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         m = self.method
         self._count_tokens(model, inputs, (inputs["labels"] != -100).sum())
-        logps, counts = sequence_logps(model, inputs)
+        logps, counts = sequence_logps(model, inputs)  # rows 0..B-1 chosen, B..2B-1 rejected
         half = logps.shape[0] // 2
-        avg = logps / counts.clamp(min=1)
-        chosen, rejected, chosen_avg, rejected_avg = logps[:half], logps[half:], avg[:half], avg[half:]
-        if m.pref_loss in ("sigmoid", "hinge", "ipo"):
-            ref = self.reference_logps(model, inputs)
-            if m.pref_loss == "ipo":  # IPO's margin is per token
-                ref = ref / counts.clamp(min=1)
-                chosen, rejected = chosen_avg, rejected_avg
-            losses = dpo_loss(chosen, rejected, ref[:half], ref[half:], m.beta, m.pref_loss, m.label_smoothing)
-            chosen_reward, rejected_reward = m.beta * (chosen - ref[:half]), m.beta * (rejected - ref[half:])
-        elif m.pref_loss == "orpo":
-            losses = orpo_loss(chosen_avg, rejected_avg, -chosen_avg, m.beta)
-            chosen_reward, rejected_reward = m.beta * chosen_avg, m.beta * rejected_avg
-        else:
-            losses = simpo_loss(chosen_avg, rejected_avg, m.beta, m.simpo_gamma)
-            chosen_reward, rejected_reward = m.beta * chosen_avg, m.beta * rejected_avg
-        if m.pref_ftx > 0 and m.pref_loss != "orpo":  # ORPO already holds the SFT term
-            losses = losses + m.pref_ftx * -chosen_avg
+        ref = self.reference_logps(model, inputs) if m.pref_loss in ("sigmoid", "hinge", "ipo") else None
+        losses, chosen_reward, rejected_reward = pair_losses(
+            m, logps[:half], logps[half:], counts[:half], counts[half:],
+            *((ref[:half], ref[half:]) if ref is not None else ()))
         self._record(model.training, **{"rewards/chosen": chosen_reward, "rewards/rejected": rejected_reward,
                                         "rewards/margin": chosen_reward - rejected_reward,
                                         "rewards/accuracy": (chosen_reward > rejected_reward).float()})
@@ -101,7 +78,8 @@ class KTOTrainer(_StatsTrainer):
         logps, counts = sequence_logps(model, inputs)
         ref = self.reference_logps(model, inputs)
         half = logps.shape[0] // 2
-        kl = (logps[half:] - ref[half:]).mean().detach()  # mismatched answers: the KL reference point
+        # mismatched answers: the KL reference point, averaged over every process's batch (as TRL does)
+        kl = self.accelerator.reduce((logps[half:] - ref[half:]).mean().detach(), reduction="mean")
         losses = kto_loss(logps[:half], ref[:half], desirable, kl, m.beta, m.desirable_weight, m.undesirable_weight)
         if m.pref_ftx > 0:
             nll = -(logps[:half] / counts[:half].clamp(min=1))

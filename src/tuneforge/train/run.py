@@ -55,7 +55,7 @@ def train(config, overrides: list[str] = ()) -> RunResult:
     if cfg.method.stage == "ppo":
         from tuneforge.train.ppo import run_ppo
 
-        return run_ppo(cfg, model, prepared, run, build_reference(cfg, prepared.source))
+        return run_ppo(cfg, model, prepared, run, build_reference(cfg, prepared.source), checkpoint=checkpoint)
     trainer, stop = build_trainer(cfg, model, prepared, run, build_reference(cfg, prepared.source))
     try:
         output = trainer.train(resume_from_checkpoint=checkpoint)

@@ -7,7 +7,7 @@ import time
 import torch
 from transformers import Trainer
 
-from tuneforge.train.losses import causal_lm_loss_sum, next_token_mask, next_token_targets
+from tuneforge.model.scoring import causal_lm_loss_sum, supervised_logits
 
 
 class TuneForgeTrainer(Trainer):
@@ -25,16 +25,14 @@ class TuneForgeTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
-        keep = next_token_mask(labels)  # (B, T)
-        outputs = model(**inputs, logits_to_keep=keep, use_cache=False)  # logits: (N, V)
-        targets = next_token_targets(labels, keep)  # (N,)
-        loss_sum = causal_lm_loss_sum(outputs.logits, targets)
+        logits, targets = supervised_logits(model, labels, **inputs)  # (N, V), (N,)
+        loss_sum = causal_lm_loss_sum(logits, targets)
         n = num_items_in_batch if num_items_in_batch is not None else targets.numel()
         loss = loss_sum / (n.to(loss_sum.device).clamp(min=1) if torch.is_tensor(n) else max(n, 1))
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1 and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
         self._count_tokens(model, inputs, targets.numel())
-        return (loss, outputs) if return_outputs else loss
+        return (loss, {"logits": logits}) if return_outputs else loss
 
     def _count_tokens(self, model, inputs: dict, supervised: int) -> None:
         """Tokens and supervised tokens of a training batch, for the throughput logs."""

@@ -99,3 +99,33 @@ def test_preference_pair_shares_one_prompt_and_masks_only_the_final_answer(token
     first_answer = lambda enc: [i for i, y in enumerate(enc.labels) if y != IGNORE][0]  # noqa: E731
     assert pair.chosen.input_ids[:first_answer(pair.chosen)] == pair.rejected.input_ids[:first_answer(pair.rejected)]
     assert len(pair.rejected.input_ids) <= 64 and pair.chosen.truncated and pair.rejected.truncated
+
+
+def test_cut_answers_of_a_pair_both_fit_cutoff_len(tokenizer):
+    """With answer truncation the longer answer is cut; the other one, if it is now the longer, is cut as far."""
+    from tuneforge.data.encode import encode_pair
+
+    template, _ = resolve_template("chatml", tokenizer)
+    ex = Example("row", [{"role": "user", "content": "Write something."}],
+                 chosen="word " * 120, rejected="other " * 90)
+    pair = encode_pair(ex, tokenizer, template, 64, overlong="truncate_answer")
+    assert len(pair.chosen.input_ids) <= 64 and len(pair.rejected.input_ids) <= 64
+    assert pair.chosen.truncated and pair.rejected.truncated
+    first_answer = lambda enc: [i for i, y in enumerate(enc.labels) if y != IGNORE][0]  # noqa: E731
+    assert pair.chosen.input_ids[:first_answer(pair.chosen)] == pair.rejected.input_ids[:first_answer(pair.rejected)]
+
+
+def test_only_rows_that_are_too_long_get_the_cutoff_hint(tokenizer):
+    from tuneforge.config import DataConfig
+    from tuneforge.data.stages import tokenize_pairs, tokenize_sft
+
+    template, _ = resolve_template("chatml", tokenizer)
+    cfg = DataConfig(dataset="x", cutoff_len=32)
+    no_answer = Example("row 1", [{"role": "user", "content": "Only a question"}])
+    too_long = example("Question", "answer " * 100)
+    _, dropped, _ = tokenize_sft([no_answer, too_long], tokenizer, template, cfg)
+    assert dropped == {"the conversation does not end with an answer": 1,
+                       "answers longer than cutoff_len (cutoff_len=32; raise it or set data.overlong)": 1}
+    answered = Example("row 2", example("q", "a").messages, chosen="yes", rejected="no")
+    _, dropped, _ = tokenize_pairs([answered], tokenizer, template, cfg)
+    assert dropped == {"a preference row needs a prompt that ends with a user turn": 1}

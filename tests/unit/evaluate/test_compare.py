@@ -36,3 +36,31 @@ def test_adapter_off_is_exactly_the_base_model(tiny_run):
         adapter_off = off.score_labels(conversation, ["1", "0"])
     assert adapter_off[0] == pytest.approx(fresh.score_labels(conversation, ["1", "0"])[0], abs=1e-5)
     assert tuned.score_labels(conversation, ["1", "0"])[0] != pytest.approx(adapter_off[0], abs=1e-5)
+
+
+def test_forgetting_is_measured_without_the_task_system_prompt(tiny_run, tmp_path, monkeypatch):
+    """A run whose adapter changes nothing gives identical base and tuned general figures, and the general rows are
+    scored with their own system prompt (none here), not the run's "Be brief."; that one gets its own row."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import tuneforge.infer.engine as engine_module
+
+    run = shutil.copytree(tiny_run, tmp_path / "zero")
+    weights = run / "adapter" / "adapter_model.safetensors"
+    save_file({k: v * 0 if "lora_B" in k else v for k, v in load_file(str(weights)).items()}, str(weights))
+    rendered = []
+    original = engine_module.encode_sft
+    monkeypatch.setattr(engine_module, "encode_sft", lambda example, *a, **k: (
+        rendered.append(example.messages), original(example, *a, **k))[1])
+    config = open_run(run).config().model_dump(mode="json")
+    config["output"]["run_dir"] = str(run)
+    config["eval"] = {"dataset": [], "general_dataset": "identity", "general_samples": 4, "max_new_tokens": 8}
+    general = run_eval(config)["general"]
+    for key in ("answer_perplexity", "answer_perplexity_task_system_prompt", "repetitive_share"):
+        assert general["base"][key] == pytest.approx(general["tuned"][key], rel=1e-6)
+    plain = [m for m in rendered if m[0]["role"] != "system"]
+    with_task_prompt = [m for m in rendered if m[0] == {"role": "system", "content": "Be brief."}]
+    assert len(plain) == len(with_task_prompt) == 8  # 4 rows, base and tuned: without, then the labelled figure
+    assert general["base"]["answer_perplexity"] != pytest.approx(general["base"]["answer_perplexity_task_system_prompt"])

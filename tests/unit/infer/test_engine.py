@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tuneforge.errors import ConfigError
-from tuneforge.infer.engine import Engine, GenerationSettings, run_base_model
+from tuneforge.infer.engine import Engine, GenerationSettings
+from tuneforge.model.runs import run_base_model
 from tuneforge.rundir import open_run
 
 
@@ -45,25 +46,49 @@ def test_batched_generation_equals_one_at_a_time(tiny_run):
     assert [g.text for g in batched] == [engine.chat(c, settings) for c in conversations]
 
 
-def test_label_scores_agree_between_the_single_token_and_general_paths(tiny_run):
+def full_forward_logprob(engine, prompt: list[int], continuation: list[int]) -> float:
+    with torch.no_grad():
+        logp = torch.log_softmax(engine.model(input_ids=torch.tensor([prompt + continuation])).logits[0].float(), -1)
+    return sum(logp[len(prompt) + j - 1, t].item() for j, t in enumerate(continuation))
+
+
+def test_label_scores_are_label_plus_end_of_answer_under_a_full_forward(tiny_run):
     engine = Engine.load(str(tiny_run))
-    conversations = [[{"role": "user", "content": t}] for t in ("good product", "bad product, broke in a day")]
-    labels = ["1", "0"]
-    assert [len(ids) for ids in engine.label_ids(labels)] == [1, 1]
-    fast = engine.score_labels(conversations, labels, batch_size=2)
-    prompts = [engine.prompt_ids(c) for c in conversations]
-    for k, ids in enumerate(engine.label_ids(labels)):
-        slow = engine._continuation_logprob(prompts, ids)
-        assert [row[k] for row in fast] == pytest.approx(slow, abs=1e-4)
-    # a multi-token label scores the sum of its tokens' log-probabilities
-    (ids,) = engine.label_ids(["positively"])
-    assert len(ids) >= 2
-    several = engine.score_labels(conversations, ["positively", "1"], batch_size=2)
-    expected = [0.0, 0.0]
-    for k, token in enumerate(ids):
-        step = engine._last_logprobs([p + ids[:k] for p in prompts])[:, token]
-        expected = [e + v for e, v in zip(expected, step.tolist())]
-    assert [r[0] for r in several] == pytest.approx(expected, abs=1e-4)
+    conversations = [[{"role": "user", "content": t}] for t in ("good product", "bad product, broke in a day", "x")]
+    labels = ["1", "0", "positively"]
+    ids = engine.label_ids(labels)
+    end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert all(i[-1] == end for i in ids) and engine.tokenizer.decode(ids[2][:-1]) == "positively"
+    scores = engine.score_labels(conversations, labels, batch_size=2)
+    for c, row in zip(conversations, scores):
+        expected = [full_forward_logprob(engine, engine.prompt_ids(c), i) for i in ids]
+        assert row == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_label_that_extends_another_can_win(tiny_model_dir, tmp_path):
+    """With labels 1, 10 and 100 a model trained to answer 10 must predict 10: summed without the end-of-answer
+    token, "1" scores at least as high as "10" whenever "10" is written "1" + "0"."""
+    import json
+
+    from tuneforge.train.run import train
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = [{"instruction": f"Pick a number for item {i}", "output": "10"} for i in range(16)]
+    (folder / "tens.json").write_text(json.dumps(rows))
+    (folder / "dataset_info.json").write_text(json.dumps({"tens": {"file_name": "tens.json"}}))
+    run = train({"model": {"name_or_path": str(tiny_model_dir), "cache_dir": str(tmp_path / "cache")},
+                 "data": {"dataset": "tens", "dataset_dir": str(folder), "cutoff_len": 64},
+                 "method": {"adapter": {"type": "full"}},
+                 "train": {"max_steps": 60, "batch_size": 8, "learning_rate": 1e-2, "save_steps": 1000,
+                           "lr_scheduler": "constant", "logging_steps": 40},
+                 "output": {"run_dir": str(tmp_path / "run")}}).run_dir
+    engine = Engine.load(str(run))
+    one, ten, hundred = engine.label_ids(["1", "10", "100"])
+    assert ten[: len(one) - 1] == one[:-1] and len(ten) > len(one)  # "10" continues the tokens of "1"
+    conversations = [[{"role": "user", "content": f"Pick a number for item {i}"}] for i in (20, 21)]
+    for row in engine.score_labels(conversations, ["1", "10", "100"]):
+        assert max(range(3), key=row.__getitem__) == 1
 
 
 def test_answer_nll_counts_answer_tokens_only(tiny_run):

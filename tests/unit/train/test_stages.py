@@ -50,13 +50,49 @@ def test_dpo_margin_grows(tiny_model_dir, tmp_path):
     assert margins[-1] > margins[0] + 0.5 and result.metrics["eval_rewards/accuracy"] == 1.0
 
 
-@pytest.mark.parametrize("variant", [{"pref_loss": "ipo"}, {"pref_loss": "hinge"}, {"pref_loss": "orpo"},
-                                     {"pref_loss": "simpo", "simpo_gamma": 0.2}, {"pref_ftx": 0.5},
-                                     {"label_smoothing": 0.1}])
-def test_every_dpo_variant_trains(tiny_model_dir, tmp_path, variant):
-    result = train(stage_config(tiny_model_dir, tmp_path, {"stage": "dpo", **variant}, steps=6))
-    margins = logged(result.run_dir, "rewards/margin")
-    assert result.status == "completed" and margins[-1] > margins[0]
+def row_average_logprobs(model, ids_column, labels_column) -> torch.Tensor:
+    """Each row's mean log-probability of its supervised tokens: minus the model's own loss on that row alone."""
+    with torch.no_grad():
+        as_row = lambda values: torch.tensor([[int(v) for v in values]])  # noqa: E731
+        return torch.tensor([-model(input_ids=as_row(i), labels=as_row(y)).loss.item()
+                             for i, y in zip(ids_column, labels_column)])
+
+
+@pytest.mark.parametrize("variant", [{"pref_loss": "sigmoid"}, {"pref_loss": "ipo", "beta": 0.25},
+                                     {"pref_loss": "hinge"}, {"label_smoothing": 0.1}, {"pref_ftx": 0.5},
+                                     {"pref_loss": "orpo"}, {"pref_loss": "simpo", "simpo_gamma": 0.2}])
+def test_every_dpo_variant_logs_the_reference_first_loss(tiny_model_dir, tmp_path, variant):
+    """The first logged loss of a run over one batch holding every pair, against numbers computed without our
+    trainer: the model's own per-row losses, and TRL's ORPO / SimPO terms. At step 1 a LoRA policy equals its
+    reference, so the DPO margin is 0: sigmoid log 2, hinge 1, IPO (1 / (2 beta))^2."""
+    import math
+
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    from tuneforge.train.prepare import build_model
+    from tests.unit.train.test_trl_parity import stand_in
+
+    config = stage_config(tiny_model_dir, tmp_path, {"stage": "dpo", **variant}, steps=1)
+    config["train"].update(batch_size=20, logging_steps=1)  # 24 pairs, 4 held out: one batch holds them all
+    result = train(config)
+    first = logged(result.run_dir, "loss")[0]
+    cfg = load_config(config)
+    data = prepare(cfg).data.train.columns
+    base = build_model(cfg, prepare(cfg).source).eval()  # LoRA freshly initialised: the base model's outputs
+    chosen = row_average_logprobs(base, data["chosen_ids"], data["chosen_labels"])
+    rejected = row_average_logprobs(base, data["rejected_ids"], data["rejected_labels"])
+    m = cfg.method
+    expected = {"sigmoid": math.log(2), "hinge": 1.0, "ipo": (1 / (2 * m.beta)) ** 2}.get(m.pref_loss)
+    if m.pref_loss == "orpo":
+        ratio = ORPOTrainer.odds_ratio_loss(stand_in(beta=m.beta), chosen, rejected)[0]
+        expected = (-chosen - ratio).mean().item()
+    if m.pref_loss == "simpo":
+        trainer = stand_in(alpha=0.0, loss_type="simpo", beta=m.beta, simpo_gamma=m.simpo_gamma, label_smoothing=0.0)
+        expected = CPOTrainer.cpo_loss(trainer, chosen, rejected)[0].mean().item()
+    if m.pref_ftx:
+        expected += m.pref_ftx * (-chosen).mean().item()
+    assert result.status == "completed" and first == pytest.approx(expected, abs=2e-4)
 
 
 def test_full_tuning_keeps_a_frozen_reference_and_lora_does_not(tiny_model_dir, tmp_path):

@@ -106,6 +106,18 @@ def test_resume_reproduces_the_next_step_losses(tiny_config):
     assert resumed.status == "completed"
     reference, again = step_losses(full), step_losses(resumed.run_dir)
     assert again[3] == pytest.approx(reference[3], abs=1e-6) and again[4] == pytest.approx(reference[4], abs=1e-6)
+    records = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # steps 3, 4 logged once, after the resume
+
+
+def test_warmup_ratio_is_a_share_of_the_steps(tiny_config):
+    """transformers 5 reads a warmup_steps value below 1 as a ratio of the steps (TrainingArguments.get_warmup_steps);
+    pinned here, so that a change of that meaning upstream shows."""
+    tiny_config["train"].update(max_steps=4, warmup_ratio=0.5, lr_scheduler="constant_with_warmup",
+                                learning_rate=1e-3, logging_steps=1)
+    records = [json.loads(line) for line in (train(tiny_config).run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["learning_rate"] for r in records if "learning_rate" in r]
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])  # two warmup steps of four (rate used in each step)
 
 
 class _InterruptAfter(TrainerCallback):

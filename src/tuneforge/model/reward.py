@@ -6,9 +6,11 @@ from pathlib import Path
 
 import torch
 
+from tuneforge.data.collate import pad_right
+from tuneforge.data.convert import with_system
 from tuneforge.errors import ConfigError
-from tuneforge.infer.engine import load_run_weights
-from tuneforge.model.heads import last_token_rewards
+from tuneforge.model.runs import load_run_weights
+from tuneforge.model.scoring import last_token_rewards
 from tuneforge.rundir import open_run
 
 
@@ -35,18 +37,12 @@ class RewardModel:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = next(self.model.parameters()).device
         for start in range(0, len(sequences), batch_size):
-            chunk = sequences[start: start + batch_size]
-            width = max(len(s) for s in chunk)
-            ids = torch.tensor([list(s) + [pad] * (width - len(s)) for s in chunk], device=device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
-            scores += last_token_rewards(self.model, ids, mask).tolist()
+            ids, mask = pad_right(sequences[start: start + batch_size], pad)
+            scores += last_token_rewards(self.model, ids.to(device), mask.to(device)).tolist()
         return scores
 
     def score(self, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
         """Reward of each full conversation (the last message being the answer to judge)."""
-        sequences = []
-        for messages in conversations:
-            if self.default_system and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": self.default_system}] + messages
-            sequences.append(self.tokenizer.apply_chat_template(messages, return_dict=False))
+        sequences = [self.tokenizer.apply_chat_template(with_system(messages, self.default_system), return_dict=False)
+                     for messages in conversations]
         return self.score_ids(sequences, batch_size)

@@ -1,0 +1,129 @@
+"""Logits, log-probabilities and rewards at chosen positions, against full forward passes of every supported family."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+
+from tests.conftest import FAMILIES, build_family_model, build_tiny_model
+from tuneforge.model.scoring import (causal_lm_loss_sum, forward_at, last_token_rewards, next_token_mask,
+                                     next_token_targets, sequence_logprobs, supervised_logits)
+
+
+def test_mask_and_targets_are_shifted_by_one():
+    labels = torch.tensor([[-100, -100, 7, 8], [-100, 5, -100, -100]])
+    keep = next_token_mask(labels)
+    assert keep.tolist() == [[False, True, True, False], [True, False, False, False]]
+    assert next_token_targets(labels, keep).tolist() == [7, 8, 5]
+
+
+def test_loss_sum_against_hand_computed_values():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])  # p(target) = 1/2 and 3/4
+    targets = torch.tensor([1, 0])
+    expected = -math.log(0.5) - math.log(0.75)
+    assert abs(causal_lm_loss_sum(logits, targets).item() - expected) < 1e-6
+
+
+def batch(vocab: int):
+    torch.manual_seed(1)
+    ids = torch.randint(4, vocab, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 9:] = 0  # right padding
+    labels = ids.clone()
+    labels[:, :5] = -100
+    labels[2, 9:] = -100
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_logits_at_chosen_positions_equal_the_full_forward(kind):
+    overrides = {"final_logit_softcapping": 5.0} if kind == "gemma3_text" else {}  # capping applies after the head
+    model = build_family_model(kind, 96, **overrides)
+    ids, mask, labels = batch(96)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+        keep = next_token_mask(labels)
+        at_mask, hidden = forward_at(model, keep, input_ids=ids, attention_mask=mask)
+        assert at_mask.logits.shape == (int(keep.sum()), 96) and hidden.shape == (int(keep.sum()), 64)
+        torch.testing.assert_close(at_mask.logits, full[keep], rtol=1e-5, atol=1e-5)
+        positions = torch.tensor([[4, 7], [0, 11], [3, 8]])
+        at_index, _ = forward_at(model, positions, input_ids=ids, attention_mask=mask)
+        assert at_index.logits.shape == (3, 2, 96)
+        torch.testing.assert_close(at_index.logits, torch.take_along_dim(full, positions[..., None], dim=1),
+                                   rtol=1e-5, atol=1e-5)
+        # the supervised loss equals the model's own loss over the same labels
+        logits, targets = supervised_logits(model, labels, input_ids=ids, attention_mask=mask)
+        ours = causal_lm_loss_sum(logits, targets) / targets.numel()
+        torch.testing.assert_close(ours, model(input_ids=ids, attention_mask=mask, labels=labels).loss,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_logprobs_equal_a_full_forward_pass():
+    model = build_tiny_model(50)
+    ids, mask, labels = batch(50)
+    with torch.no_grad():
+        sums, counts = sequence_logprobs(model, ids, mask, labels)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, -1)  # (B, T, V)
+    for row in range(3):
+        expected = sum(logp[row, t - 1, ids[row, t]].item() for t in range(12) if labels[row, t] != -100)
+        assert sums[row].item() == pytest.approx(expected, abs=1e-4)
+        assert counts[row].item() == int((labels[row] != -100).sum())
+
+
+def reward_model(pad_is_eos: bool = True):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=1, eos_token_id=2,
+                         pad_token_id=2 if pad_is_eos else 0)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def manual_rewards(model, rows):
+    """Each row alone, unpadded: the score layer at its last token."""
+    with torch.no_grad():
+        return [model.score(model.model(input_ids=torch.tensor([r])).last_hidden_state[0, -1]).item() for r in rows]
+
+
+def test_rewards_at_the_last_real_token_when_the_pad_token_is_the_end_of_turn_token():
+    model = reward_model(pad_is_eos=True)
+    rows = [[5, 6, 7, 2], [8, 9, 2], [10, 11, 12, 13, 2]]  # every answer ends with eos, which is also the pad
+    ids = torch.tensor([r + [2] * (5 - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (5 - len(r)) for r in rows])
+    with torch.no_grad():
+        got = last_token_rewards(model, ids, mask)
+        pooled_by_the_model = model(input_ids=ids, attention_mask=mask).logits[:, 0]
+    assert got.tolist() == pytest.approx(manual_rewards(model, rows), abs=1e-5)
+    # the model's own pooling takes the last token that is not the pad, i.e. the one before eos: wrong here
+    assert pooled_by_the_model.tolist() != pytest.approx(got.tolist(), abs=1e-3)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rewards_through_a_distributed_wrapper_reach_the_score_layer():
+    """Under DistributedDataParallel the reward forward runs through the wrapper (gradients synchronised) and the
+    score layer still gets its gradient."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = reward_model()
+    rows = [[5, 6, 7, 2], [8, 9, 2, 2]]
+    ids, mask = torch.tensor(rows), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    expected = last_token_rewards(model, ids, mask).detach()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model)
+        rewards = last_token_rewards(wrapped, ids, mask)
+        rewards.sum().backward()
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(rewards.detach(), expected)
+    assert model.score.weight.grad is not None and model.score.weight.grad.abs().sum() > 0
