@@ -73,6 +73,17 @@ def test_builtin_chatml_tokens_equal_smollm2s_own_template():
         a = tokenizer(own.render(tokenizer, msgs, add_generation_prompt=prompt), add_special_tokens=False)["input_ids"]
         b = tokenizer(chatml.render(tokenizer, msgs, add_generation_prompt=prompt), add_special_tokens=False)["input_ids"]
         assert a == b == tokenizer.apply_chat_template(msgs, add_generation_prompt=prompt, return_dict=False)
+    # token-level loss masks: the same under SmolLM2's own template and the built-in one, multi-turn and
+    # mask_history, and exactly the answers with their end of turn
+    from tuneforge.data.convert import Example
+    from tuneforge.data.encode import encode_sft
+
+    row = Example("row", messages + [{"role": "assistant", "content": "六"}])
+    for history in (False, True):
+        mine, theirs = (encode_sft(row, tokenizer, t, 256, mask_history=history) for t in (chatml, own))
+        assert mine.input_ids == theirs.input_ids and mine.labels == theirs.labels
+        supervised = tokenizer.decode([t for t, y in zip(mine.input_ids, mine.labels) if y != -100])
+        assert supervised == ("六<|im_end|>\n" if history else "4<|im_end|>\n六<|im_end|>\n")
 
 
 @needs_smollm2

@@ -18,6 +18,14 @@ def pad_right(seqs: list, pad_value: int, width: int | None = None) -> tuple[tor
     return ids, mask
 
 
+def pad_left(seqs: list, pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids -> (B, W) padded on the left (every row ends at the last column, as generation wants),
+    and its attention mask."""
+    width = max(len(s) for s in seqs)
+    ids, mask = pad_right([list(s)[::-1] for s in seqs], pad_value, width)
+    return ids.flip(1), mask.flip(1)
+
+
 @dataclass
 class PadCollator:
     pad_token_id: int

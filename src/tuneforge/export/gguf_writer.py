@@ -61,7 +61,7 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str = "f16", name: str
         if gguf_name is None:
             raise ConfigError(f"GGUF export: no GGUF name for tensor {hf_name!r} of {cfg.model_type}")
         data = _to_gguf_layout(tensor.detach().float(), gguf_name, arch_name, cfg).numpy()
-        _add_tensor(writer, gguf_name, data, qtype)
+        _add_tensor(writer, gguf_name, data, _tensor_type(gguf_name, data.shape, qtype, cfg.tie_word_embeddings))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=True)
@@ -151,21 +151,63 @@ def _to_gguf_layout(w: torch.Tensor, gguf_name: str, arch: str, cfg) -> torch.Te
     return w
 
 
-def _add_tensor(writer, name: str, data: np.ndarray, qtype: str) -> None:
+def _tensor_type(gguf_name: str, shape: tuple[int, ...], qtype: str, tied: bool):
+    """The GGML type a tensor is stored in for a file of type `qtype`."""
     import gguf
 
-    if data.ndim == 1 or qtype == "f32":
-        writer.add_tensor(name, data.astype(np.float32))
-        return
+    if len(shape) == 1 or qtype == "f32":
+        return gguf.GGMLQuantizationType.F32
+    projects_logits = gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and tied)
+    if projects_logits and qtype in ("q5_1", "q5_0", "q4_1", "q4_0"):  # kept higher, as llama.cpp's quantizer does
+        qtype = "q8_0"
     kind = gguf.GGMLQuantizationType[TYPES[qtype]]
-    block = gguf.GGML_QUANT_SIZES[kind][0]
-    if data.shape[-1] % block:  # rows that do not split into blocks stay in f16 (as llama.cpp does)
-        kind = gguf.GGMLQuantizationType.F16
+    if shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:  # rows that do not split into blocks stay in f16 (as llama.cpp)
+        return gguf.GGMLQuantizationType.F16
+    return kind
+
+
+def _encode(data: np.ndarray, kind) -> np.ndarray:
+    import gguf
+
+    if kind == gguf.GGMLQuantizationType.F32:
+        return data.astype(np.float32)
     if kind == gguf.GGMLQuantizationType.F16:
-        writer.add_tensor(name, data.astype(np.float16))
-        return
-    packed = gguf.quants.quantize(data.astype(np.float32), kind)
-    writer.add_tensor(name, packed, raw_shape=packed.shape, raw_dtype=kind)
+        return data.astype(np.float16)
+    return gguf.quants.quantize(data.astype(np.float32), kind)
+
+
+def _add_tensor(writer, name: str, data: np.ndarray, kind) -> None:
+    import gguf
+
+    encoded = _encode(data, kind)
+    if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        writer.add_tensor(name, encoded)
+    else:
+        writer.add_tensor(name, encoded, raw_shape=encoded.shape, raw_dtype=kind)
+
+
+@torch.no_grad()
+def readers_view(model, qtype: str):
+    """A copy of `model` whose weights are what a GGUF reader dequantizes from a file of type `qtype`, for
+    measuring how far a reader's arithmetic moves the logits beyond the storage format itself."""
+    import copy
+
+    import gguf
+
+    view = copy.deepcopy(model)
+    names = gguf.get_tensor_name_map(next(a for a, n in gguf.MODEL_ARCH_NAMES.items()
+                                          if n == ARCHITECTURES[model.config.model_type]), model.config.num_hidden_layers)
+    for hf_name, tensor in view.state_dict().items():
+        if hf_name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # the same tensor as the embeddings
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        kind = _tensor_type(gguf_name or "", tuple(tensor.shape), qtype, model.config.tie_word_embeddings)
+        data = tensor.float().numpy()
+        stored = _encode(data, kind)
+        back = gguf.quants.dequantize(stored, kind) if kind not in (gguf.GGMLQuantizationType.F32,
+                                                                    gguf.GGMLQuantizationType.F16) else stored
+        tensor.copy_(torch.from_numpy(np.asarray(back, dtype=np.float32).reshape(data.shape)))
+    return view
 
 
 def _write_tokenizer(writer, tokenizer, pre: str | None, rows: int) -> None:

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneforge.config import ModelConfig
-from tuneforge.data.collate import pad_right
+from tuneforge.data.collate import pad_left, pad_right
 from tuneforge.data.convert import Example, with_system
 from tuneforge.data.encode import Unusable, encode_sft
 from tuneforge.data.template import ChatTemplate, resolve_template, stop_token_ids
@@ -158,10 +158,8 @@ class Engine:
         prompts = [self.prompt_ids(c) for c in conversations]
         results: list[Generation | None] = [None] * len(prompts)
         for batch in _length_batches(prompts, batch_size, progress, "generating"):
-            width = max(len(prompts[i]) for i in batch)
-            pad = self.tokenizer.pad_token_id
-            ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in batch])
-            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
+            ids, mask = pad_left([prompts[i] for i in batch], self.tokenizer.pad_token_id)
+            width = ids.shape[1]
             out = self.model.generate(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device),
                                       **self._generate_kwargs(settings))
             for row, i in enumerate(batch):

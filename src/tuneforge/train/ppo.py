@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, get_scheduler
 
-from tuneforge.data.collate import pad_right
+from tuneforge.data.collate import pad_left, pad_right
 from tuneforge.data.pipeline import tokenizer_fingerprint
 from tuneforge.data.template import stop_token_ids
 from tuneforge.errors import ConfigError
@@ -140,11 +140,11 @@ class Sampler:
     @torch.no_grad()
     def sample(self, policy, prompts: list[list[int]], device) -> list[list[int]]:
         """One answer per prompt, ending with its stop token where it stopped."""
-        width = max(len(p) for p in prompts)
-        left = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=device)
-        left_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        left, left_mask = pad_left(prompts, self.pad)
+        width = left.shape[1]
         with _neutral_generation_config(policy):
-            out = policy.generate(input_ids=left, attention_mask=left_mask, generation_config=self.config)
+            out = policy.generate(input_ids=left.to(device), attention_mask=left_mask.to(device),
+                                  generation_config=self.config)
         answers = []
         for row in out[:, width:].tolist():
             end = next((k + 1 for k, tok in enumerate(row) if tok in self.stop_ids), len(row))  # keep the stop token

@@ -147,3 +147,10 @@ def test_edited_preference_file_is_tokenized_again(tokenizer, tmp_path):
     flipped = load(tokenizer, kto_cfg, tmp_path, stage="kto")
     assert not flipped.reports[0].from_cache
     assert [int(d[0]) for d in flipped.train.columns["desirable"]] == [1 - tags[0]] + tags[1:]
+
+
+def test_left_padding_ends_every_row_in_the_last_column():
+    from tuneforge.data.collate import pad_left
+
+    ids, mask = pad_left([[5, 6, 7], [8]], 0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]

@@ -34,6 +34,57 @@ EXPECTED = {
 }
 
 
+# The tokens each template trains on, decoded: exactly every answer with the template's end-of-answer marker.
+SUPERVISED = {
+    "alpaca": ["hello<|im_end|>\n\n", "a2<|im_end|>\n\n"],
+    "chatml": ["hello<|im_end|>\n", "a2<|im_end|>\n"],
+    "deepseek": [" hello<|im_end|>", " a2<|im_end|>"],
+    "deepseek3": ["hello<|im_end|>", "a2<|im_end|>"],
+    "default": ["hello<|im_end|>\n", "a2<|im_end|>\n"],
+    "empty": ["hello<|im_end|>", "a2<|im_end|>"],
+    "gemma": ["hello<end_of_turn>\n", "a2<end_of_turn>\n"],
+    "glm4": ["\nhello<|im_end|>", "\na2<|im_end|>"],
+    "llama3": ["hello<|eot_id|>", "a2<|eot_id|>"],
+    "mistral": ["hello<|im_end|>", "a2<|im_end|>"],
+    "phi": ["hello<|end|>\n", "a2<|end|>\n"],
+    "phi4": ["hello<|im_end|>", "a2<|im_end|>"],
+    "qwen": ["hello<|im_end|>\n", "a2<|im_end|>\n"],
+    "vicuna": ["hello<|im_end|>", "a2<|im_end|>"],
+}
+
+
+def supervised_runs(tokenizer, enc) -> list[str]:
+    """The supervised stretches of an encoded row, decoded."""
+    runs, current = [], []
+    for token, label in zip(enc.input_ids, enc.labels):
+        if label != -100:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return [tokenizer.decode(r) for r in runs + ([current] if current else [])]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_token_level_masks_of_every_builtin_template(tokenizer, name):
+    from tuneforge.data.convert import Example
+    from tuneforge.data.encode import encode_sft
+
+    template, _ = resolve_template(name, tokenizer)
+    row = Example("row", CONVERSATION)
+    enc = encode_sft(row, tokenizer, template, 512)
+    assert tokenizer.decode(enc.input_ids) == EXPECTED[name]
+    assert supervised_runs(tokenizer, enc) == SUPERVISED[name]
+    last_only = encode_sft(row, tokenizer, template, 512, mask_history=True)
+    assert last_only.input_ids == enc.input_ids and supervised_runs(tokenizer, last_only) == SUPERVISED[name][-1:]
+    everything = encode_sft(row, tokenizer, template, 512, train_on_prompt=True)
+    assert everything.labels == everything.input_ids
+
+
+def test_every_builtin_template_has_pinned_masks():
+    assert set(SUPERVISED) == set(EXPECTED)
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_builtin_template_renders_the_family_format(tokenizer, name):
     template, _ = resolve_template(name, tokenizer)

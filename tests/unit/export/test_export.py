@@ -36,7 +36,15 @@ def test_hf_folder_is_self_contained(tiny_run, tmp_path):
     assert "- data: identity" in card and "method: lora (rank 8" in card and "Be brief." in card
 
 
-def test_gguf_export_writes_the_file_and_an_ollama_modelfile(tiny_run, tmp_path):
+def test_gguf_export_of_a_tokenizer_llama_cpp_does_not_know_is_refused(tiny_run, tmp_path):
+    with pytest.raises(ConfigError, match="llama.cpp knows no pre-tokenizer"):
+        export_run(tiny_run, tmp_path / "gguf", fmt="gguf", gguf_type="f16")
+
+
+def test_gguf_export_writes_the_file_and_an_ollama_modelfile(tiny_run, tmp_path, monkeypatch):
+    import tuneforge.export.gguf_writer as writer
+
+    monkeypatch.setattr(writer, "detect_pre_tokenizer", lambda tokenizer: "gpt-2")  # the test tokenizer splits as GPT-2
     path = export_run(tiny_run, tmp_path / "gguf", fmt="gguf", gguf_type="f16")
     assert path.name == "run-f16.gguf" and path.stat().st_size > 10_000
     modelfile = (path.parent / "Modelfile").read_text()

@@ -98,7 +98,7 @@ def test_quantization_settings_reach_bitsandbytes(monkeypatch):
 def test_a_gguf_file_is_converted_once_per_content(tmp_path, tokenizer):
     for folder in "abc":
         (tmp_path / folder).mkdir()
-    write_gguf(build_tiny_model(len(tokenizer)), tokenizer, tmp_path / "a" / "m.gguf", qtype="f32")
+    write_gguf(build_tiny_model(len(tokenizer)), tokenizer, tmp_path / "a" / "m.gguf", qtype="f32", pre_tokenizer="gpt-2")
     cache = tmp_path / "cache"
     first = convert_gguf(tmp_path / "a" / "m.gguf", cache)
     converted_at = (first / CONVERTED_MARKER).stat().st_mtime_ns
@@ -108,7 +108,8 @@ def test_a_gguf_file_is_converted_once_per_content(tmp_path, tokenizer):
     assert convert_gguf(tmp_path / "b" / "m.gguf", cache) == first
     assert (first / CONVERTED_MARKER).stat().st_mtime_ns == converted_at
     # other weights under the same name and size: a conversion of their own
-    write_gguf(build_tiny_model(len(tokenizer), seed=1), tokenizer, tmp_path / "c" / "m.gguf", qtype="f32")
+    write_gguf(build_tiny_model(len(tokenizer), seed=1), tokenizer, tmp_path / "c" / "m.gguf", qtype="f32",
+               pre_tokenizer="gpt-2")
     assert (tmp_path / "c" / "m.gguf").stat().st_size == (tmp_path / "a" / "m.gguf").stat().st_size
     other = convert_gguf(tmp_path / "c" / "m.gguf", cache)
     assert other != first
