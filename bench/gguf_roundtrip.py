@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.conftest: the tiny model builders
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the tiny model builders, llama.cpp reader
 
+from tests.llamacpp import llamacpp_read  # noqa: E402
 from tuneforge.export.gguf_writer import TYPES, readers_view, write_gguf  # noqa: E402
 
 TEXT = "Hello world, 你好世界! Numbers 12345 and 3.14159; it's done. Café naïve — don't stop 2024年11月。"
@@ -40,19 +41,6 @@ class RoundTrip:
     max_vs_dequantized: float
     argmax_agreement: float
     size_mb: float
-
-
-def llamacpp_read(path: Path, text: str, ids: list[int]) -> tuple[list[int], np.ndarray]:
-    """llama.cpp's token ids for `text`, and its logits (T, V) for `ids`."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=2, n_batch=512)
-    try:
-        tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
-        llm.eval(ids)
-        return tokens, np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
 
 
 def roundtrip(name: str, model, tokenizer, qtype: str, folder: Path, text: str = TEXT,

@@ -24,7 +24,9 @@ from tuneforge.errors import ModelError
 from tuneforge.model.adapters import ADAPTED_BASE
 from tuneforge.model.loader import load_model, load_tokenizer, resolve_dtype, resolve_model
 from tuneforge.model.runs import load_run_weights, run_base_model
-from tuneforge.model.scoring import causal_lm_loss_sum, supervised_logits, token_logprobs
+from tuneforge.model.depth import CONFIG_KEY as MIXTURE_OF_DEPTHS
+from tuneforge.model.scoring import (causal_lm_loss_sum, continuations_after_shared_prompts, supervised_logits,
+                                     token_logprobs)
 from tuneforge.rundir import META, open_run
 
 
@@ -194,16 +196,23 @@ class Engine:
     @torch.inference_mode()
     def score_labels(self, conversations: list[list[dict]], labels: list[str], batch_size: int = 16,
                      progress: bool = False) -> list[list[float]]:
-        """log P(label + end of answer | prompt) for every conversation and candidate label: one forward pass over
-        every (prompt, label) row of a batch, with logits only where label tokens are predicted."""
+        """log P(label + end of answer | prompt) for every conversation and candidate label, logits only where label
+        tokens are predicted. Each prompt is read once and its cache shared by the labels; Mixture-of-Depths
+        models (no cache: routing sees the whole sequence) read every (prompt, label) row in full."""
         label_ids = self.label_ids(labels)
         prompts = [self.prompt_ids(c) for c in conversations]
         scores = [[0.0] * len(labels) for _ in prompts]
+        shared = not getattr(self.model.config, MIXTURE_OF_DEPTHS, None)
         for batch in _length_batches(prompts, batch_size, progress, "scoring"):
-            rows = [prompts[i] for i in batch for _ in label_ids]
-            sums = self.continuation_logprobs(rows, [ids for _ in batch for ids in label_ids])
-            for row, i in enumerate(batch):
-                scores[i] = sums[row * len(label_ids): (row + 1) * len(label_ids)]
+            if shared:
+                rows = continuations_after_shared_prompts(self.model, [prompts[i] for i in batch], label_ids,
+                                                          self.tokenizer.pad_token_id).tolist()
+            else:
+                sums = self.continuation_logprobs([prompts[i] for i in batch for _ in label_ids],
+                                                  [ids for _ in batch for ids in label_ids])
+                rows = [sums[k * len(label_ids): (k + 1) * len(label_ids)] for k in range(len(batch))]
+            for row, i in zip(rows, batch):
+                scores[i] = row
         return scores
 
     def continuation_logprobs(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:

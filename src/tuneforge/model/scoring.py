@@ -10,6 +10,7 @@ versions (before 5.2x a (B, T) mask or (B, R) index tensor silently indexed the 
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -129,3 +130,44 @@ def last_token_rewards(model: nn.Module, input_ids: torch.Tensor, attention_mask
     scores = captured[-1]  # (N, T, 1)
     last = attention_mask.sum(1) - 1  # (N,)
     return scores[torch.arange(scores.shape[0], device=scores.device), last, 0].float()
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """transformers renamed forward's `past_key_values` to `cache` during 5.x; pass whichever this one takes."""
+    inner = unwrap(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def continuations_after_shared_prompts(model: nn.Module, prompts: list[list[int]], continuations: list[list[int]],
+                                       pad_id: int) -> torch.Tensor:
+    """(B, L) summed log-probabilities of each of L continuations after each of B prompts.
+
+    Each prompt is read once (left-padded, with its key/value cache), then all B x L continuations in one
+    short pass over copies of that cache: L continuations cost about one prompt pass instead of L."""
+    from tuneforge.data.collate import pad_left, pad_right
+
+    device = next(model.parameters()).device
+    ids, mask = pad_left(prompts, pad_id)  # (B, W)
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    last = torch.full((len(prompts), 1), ids.shape[1] - 1, device=device)
+    with head_sees_only(model, last):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    first = torch.log_softmax(out.logits[:, 0].float(), dim=-1)  # (B, V): the first continuation token
+    n = len(continuations)
+    cont, cont_mask = pad_right([c for _ in prompts for c in continuations], pad_id)  # (B * L, C)
+    cont, cont_mask = cont.to(device), cont_mask.to(device)
+    scores = first.repeat_interleave(n, 0).gather(1, cont[:, :1]).squeeze(1)  # (B * L,)
+    if cont.shape[1] > 1:
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache.batch_repeat_interleave(n)
+        width = cont.shape[1]
+        attention = torch.cat([mask.repeat_interleave(n, 0), cont_mask], dim=1)
+        steps = positions[:, -1:].repeat_interleave(n, 0) + 1 + torch.arange(width, device=device)
+        predicting = torch.arange(width - 1, device=device).expand(cont.shape[0], -1)  # token j predicts j + 1
+        with head_sees_only(model, predicting):
+            rest = model(input_ids=cont, attention_mask=attention, position_ids=steps, use_cache=True,
+                         **{_cache_argument(model): cache}).logits  # (B * L, C - 1, V)
+        scores = scores + (token_logprobs(rest, cont[:, 1:]) * cont_mask[:, 1:]).sum(1)
+    return scores.view(len(prompts), n)

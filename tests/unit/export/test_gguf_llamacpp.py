@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from llama_cpp import Llama
 
 from tests.conftest import FAMILIES, build_family_model, build_tokenizer
+from tests.llamacpp import llamacpp_read
 from tuneforge.config import ModelConfig
 from tuneforge.errors import ConfigError
 from tuneforge.export.gguf_writer import TYPES, detect_pre_tokenizer, readers_view, write_gguf
@@ -36,16 +36,6 @@ EMBEDDED_VS_SOURCE = {"f32": 0.1, "f16": 0.3, "bf16": 2.0, "q8_0": 5.0}  # 4/5 b
 EMBEDDED_VS_READERS_VIEW = {"smollm2-135m-instruct": 3.0, "gemma3-270m": 12.0}
 
 
-def llamacpp(path, text: str, ids: list[int]) -> tuple[list[int], np.ndarray]:
-    llm = Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, verbose=False, n_threads=2)
-    try:
-        tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
-        llm.eval(ids)
-        return tokens, np.array(llm.scores[: len(ids)], dtype=np.float32)
-    finally:
-        llm.close()
-
-
 def logits(model, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return model.eval()(input_ids=torch.tensor([ids])).logits[0].float().numpy()
@@ -55,7 +45,7 @@ def read_back(model, tokenizer, qtype: str, path, pre=None, text: str = TEXT):
     """(same ids?, max |d| vs source, max |d| vs readers_view, llama.cpp logits, source logits)."""
     write_gguf(model, tokenizer, path, qtype, pre_tokenizer=pre)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    tokens, got = llamacpp(path, text, ids)
+    tokens, got = llamacpp_read(path, text, ids)
     source = logits(model, ids)
     view = logits(readers_view(model, qtype), ids)
     return tokens == ids, float(np.abs(got - source).max()), float(np.abs(got - view).max()), got, source

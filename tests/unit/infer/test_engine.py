@@ -126,3 +126,24 @@ def test_a_run_whose_base_model_folder_is_gone_finds_it_again(tiny_run, tmp_path
     with torch.no_grad():
         expected = Engine.load(str(tiny_run)).model(input_ids=ids).logits
         assert torch.equal(Engine.load(str(moved)).model(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
+def test_shared_prompt_scoring_equals_reading_every_row_in_full(tokenizer, kind):
+    """Label scores from one cached pass per prompt equal full passes over prompt + label, for every family, with
+    prompts of different lengths (left padding) and, for Gemma 3, longer than its sliding window."""
+    from tests.conftest import build_family_model
+    from tuneforge.model.scoring import continuations_after_shared_prompts
+
+    extra = {"sliding_window": 8, "num_hidden_layers": 6} if kind == "gemma3_text" else {}
+    engine = Engine(build_family_model(kind, len(tokenizer), **extra), tokenizer, ["<|im_end|>"])
+    conversations = [[{"role": "user", "content": t}] for t in
+                     ("good", "a much longer review that goes on about the product for a while", "bad, broke")]
+    labels = ["1", "0", "positively", "100"]
+    label_ids = engine.label_ids(labels)
+    prompts = [engine.prompt_ids(c) for c in conversations]
+    with torch.no_grad():
+        shared = continuations_after_shared_prompts(engine.model, prompts, label_ids, tokenizer.pad_token_id)
+    full = engine.continuation_logprobs([p for p in prompts for _ in label_ids], [i for _ in prompts for i in label_ids])
+    assert shared.flatten().tolist() == pytest.approx(full, abs=2e-4)
+    assert engine.score_labels(conversations, labels) == [pytest.approx(r, abs=2e-4) for r in shared.tolist()]
