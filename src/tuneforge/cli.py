@@ -11,6 +11,34 @@ from tuneforge.errors import UserError
 OVERRIDES_HELP = "overrides such as train.learning_rate=1e-4 data.dataset=identity,alpaca_en_demo"
 
 
+def _count(minimum: int):
+    """An argparse type for whole numbers of at least `minimum` (a bad value is a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _generation_settings(args):
+    """The generation flags as settings; out-of-range values are named by their flag."""
+    from pydantic import ValidationError
+
+    from tuneforge.errors import ConfigError
+    from tuneforge.infer.engine import GenerationSettings
+
+    values = {k: getattr(args, k) for k in GenerationSettings.model_fields if hasattr(args, k)}
+    try:
+        return GenerationSettings(**values)
+    except ValidationError as exc:
+        raise ConfigError(*[f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']} (given {e['input']!r})"
+                            for e in exc.errors()]) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     # PEFT still calls a transformers method renamed in v5; the notice says nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -44,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
         if name == "check":
-            p.add_argument("--measure", type=int, default=0, metavar="STEPS",
+            p.add_argument("--measure", type=_count(0), default=0, metavar="STEPS",
                            help="also train STEPS steps (plus a warm-up step) to time an epoch and measure peak memory")
         p.set_defaults(func=func)
     p = sub.add_parser("chat", help="talk to a run directory or a model", description="Chat with a fine-tuned run "
@@ -53,10 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="ask once, print the answer and exit")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--template", default="auto", help="chat template when TARGET is a model (default: auto)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=_count(1), default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = no limit")
+    p.add_argument("--top-k", type=_count(0), default=0, help="0 = no limit")
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="vllm needs a GPU and the vllm package")
     p.set_defaults(func=_chat)
@@ -68,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: RUN_DIR/predict/NAME or predict/NAME)")
     p.add_argument("--mode", choices=["auto", "score", "generate"], default="auto")
     p.add_argument("--labels", help="candidate labels, comma-separated (default: detected)")
-    p.add_argument("--max-samples", type=int)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-samples", type=_count(1))
+    p.add_argument("--batch-size", type=_count(1), default=16)
+    p.add_argument("--max-new-tokens", type=_count(1), default=64)
     p.add_argument("--template", default="auto", help="chat template when TARGET is a model")
     p.add_argument("--system", help="system prompt for every row (default: the run's)")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="vllm needs a GPU and the vllm package")
@@ -113,10 +141,9 @@ def _check(args) -> int:
 
 
 def _chat(args) -> int:
-    from tuneforge.infer.engine import Engine, GenerationSettings
+    from tuneforge.infer.engine import Engine
 
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    settings = _generation_settings(args)
     engine = Engine.load(args.target, template=args.template, backend=args.backend)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
@@ -152,10 +179,14 @@ def _predict(args) -> int:
 
     from tuneforge.config import DataConfig
     from tuneforge.data.pipeline import load_examples
+    from tuneforge.errors import ConfigError
     from tuneforge.evaluate.predict import predict, save_prediction, split_answers, summary
-    from tuneforge.infer.engine import Engine, GenerationSettings
+    from tuneforge.infer.engine import Engine
     from tuneforge.rundir import META, open_run
 
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a folder (predictions.jsonl and metrics.json go there)")
+    settings = _generation_settings(args)
     is_run = (Path(args.target) / META).is_file()
     spec, conversion = load_examples(args.data, DataConfig(dataset=[args.data], dataset_dir=args.dataset_dir),
                                      args.max_samples)
@@ -171,7 +202,7 @@ def _predict(args) -> int:
         prompts, references = split_answers(conversion.examples, spec.name)
         labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
         result = predict(engine, prompts, references, mode=args.mode, labels=labels, batch_size=args.batch_size,
-                         settings=GenerationSettings(max_new_tokens=args.max_new_tokens))
+                         settings=settings)
     out = Path(args.out) if args.out else (Path(args.target) if is_run else Path(".")) / "predict" / Path(spec.name).stem
     save_prediction(result, out)
     print(f"tuneforge: {summary(result.metrics)}")

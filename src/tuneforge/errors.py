@@ -36,3 +36,9 @@ class DataError(UserError):
 
 class ModelError(UserError):
     kind = "model error"
+
+
+class TrainingError(UserError):
+    """A run that had to stop (e.g. its loss became NaN): what happened, what was kept, what to change."""
+
+    kind = "training error"

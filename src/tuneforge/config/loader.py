@@ -27,14 +27,39 @@ def load_config(source: str | Path | Mapping[str, Any] | TuneForgeConfig, overri
     else:
         raw, where = read_yaml(Path(source)), str(source)
     raw = apply_overrides(raw, overrides)
-    return validate_config(raw, where)
+    return validate_config(raw, where, overrides)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key written twice in one mapping (YAML would silently keep the last)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (first on line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the YAML config file itself (e.g. {path / 'config.yaml'})")
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file. hint: see examples/ for ready-made configs.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is fine
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at position {exc.start}). "
+                          "hint: save the file as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
@@ -92,17 +117,28 @@ def _drop_keys_of_other_variants(raw: dict, parts: list[str]) -> None:
               "(they belong to the variant it replaces)", file=sys.stderr)
 
 
-def validate_config(raw: dict[str, Any], where: str = "config") -> TuneForgeConfig:
+def validate_config(raw: dict[str, Any], where: str = "config", overrides: list[str] = ()) -> TuneForgeConfig:
     try:
         return TuneForgeConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(err, where) for err in exc.errors()]
+        problems = [_describe(err, _source_of(err, where, overrides)) for err in exc.errors()]
         if LLAMAFACTORY_KEYS & set(raw):
             problems.append(
                 f"{where}: this looks like a flat LLaMA-Factory config; TuneForge uses sections "
                 "(model:, data:, method:, train:, output:). hint: see examples/quickstart.yaml"
             )
         raise ConfigError(*problems) from None
+
+
+def _source_of(err: dict, where: str, overrides: list[str]) -> str:
+    """Where a bad value came from: the command-line override that set it, else the file."""
+    _, shown = _walk([str(p) for p in err["loc"]][:-1])
+    path = ".".join(shown + [str(err["loc"][-1])]) if err["loc"] else ""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+            return f"override {item!r}"
+    return where
 
 
 def _describe(err: dict, where: str) -> str:
@@ -124,7 +160,7 @@ def _describe(err: dict, where: str) -> str:
         return f"{where}: {path}: required key is missing"
     given = err.get("input")
     shown = "" if isinstance(given, (dict, list)) else f" (given {given!r})"
-    return f"{where}: {path}: {err['msg']}{shown}"
+    return f"{where}: {path}: {err['msg'].removeprefix('Value error, ')}{shown}"
 
 
 def _walk(loc: list[str]) -> tuple[type[BaseModel] | None, list[str]]:

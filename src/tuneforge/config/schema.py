@@ -13,7 +13,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never meant: learning_rate=inf trains to a model of NaNs
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _split_names(value):
@@ -117,6 +118,9 @@ class DataConfig(Strict):
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="Malformed rows: stop with a report of all of them, or skip them (counted)."
     )
+    strict_paths: bool = Field(
+        False, description="Refuse registered files outside data.dataset_dir (absolute paths, .., symlinks leading "
+        "out); off: they are read with a warning. The web UI and the API turn it on.")
     overwrite_cache: bool = Field(False, description="Re-tokenize even if a cached copy exists.")
 
     _split = field_validator("dataset", "eval_dataset", mode="before")(_split_names)
@@ -334,6 +338,9 @@ class TrainConfig(Strict):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming the learning rate up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 turns clipping off).")
+    non_finite_patience: int = Field(
+        3, ge=0, description="Optimizer steps in a row whose loss or gradients may be NaN or infinite (each is skipped) "
+        "before the run stops as failed; a weight that becomes NaN or infinite stops it at once.")
     optim: str = Field(
         "adamw_torch_fused", description="Optimizer name as transformers knows it (the default, transformers' own, "
         "updates all weights in one fused kernel: faster than adamw_torch's per-tensor loop, bench/optimizer_step.py)."
@@ -344,8 +351,12 @@ class TrainConfig(Strict):
     save_steps: int = Field(500, ge=1, description="Write a checkpoint every N optimizer steps.")
     save_total_limit: int = Field(3, ge=1, description="Keep only the newest K checkpoints.")
     resume_from_checkpoint: str | None = Field(
-        None, description="Continue a run: `auto` (latest checkpoint in the run directory) or a checkpoint path."
+        None, description="Continue a run: `auto` (the newest complete checkpoint in the run directory) or a "
+        "checkpoint path."
     )
+    resume_without_optimizer_state: bool = Field(
+        False, description="Allow resuming from a checkpoint that lacks its optimizer state (the optimizer then "
+        "starts afresh, which changes the run); off: such a checkpoint is refused.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory (slower).")
     torch_compile: bool = Field(False, description="Compile the model with torch.compile (minutes of compilation "
                                 "first; pays off on long GPU runs).")
@@ -363,6 +374,20 @@ class TrainConfig(Strict):
     )
 
     _split = field_validator("report_to", mode="before")(_split_names)
+
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        import difflib
+
+        from transformers.training_args import OptimizerNames
+
+        names = [o.value for o in OptimizerNames]
+        if value not in names:
+            close = difflib.get_close_matches(value, names, n=3)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise ValueError(f"unknown optimizer {value!r}; {hint}transformers knows {', '.join(names)}")
+        return value
 
 
 class OutputConfig(Strict):

@@ -108,8 +108,16 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
+CONVERSATION_KEYS = ("conversations", "messages")
+
+
 def _convert_alpaca(spec: DatasetSpec, row: RawRow) -> Example:
     c, d = spec.columns, row.data
+    if c.prompt and c.prompt not in d and any(isinstance(d.get(k), list) for k in CONVERSATION_KEYS):
+        key = next(k for k in CONVERSATION_KEYS if isinstance(d.get(k), list))
+        raise _Bad(f"this row is a conversation ({key!r}) but data set {spec.name!r} is registered as alpaca "
+                   f"(columns.prompt: {c.prompt}). hint: set \"formatting\": \"sharegpt\" (and its tags), or keep "
+                   "alpaca and sharegpt rows in separate files")
     messages = []
     system = _text(d.get(c.system), c.system) if c.system else ""
     if system:
@@ -137,6 +145,10 @@ def _convert_alpaca(spec: DatasetSpec, row: RawRow) -> Example:
 def _convert_sharegpt(spec: DatasetSpec, row: RawRow) -> Example:
     c, t, d = spec.columns, spec.tags, row.data
     turns = d.get(c.messages)
+    if turns is None and c.messages not in d and spec.columns.prompt in d:
+        raise _Bad(f"this row is in alpaca form ({spec.columns.prompt!r}) but data set {spec.name!r} is registered as "
+                   f"sharegpt (columns.messages: {c.messages}). hint: register it without \"formatting\": "
+                   "\"sharegpt\", or keep alpaca and sharegpt rows in separate files")
     if not isinstance(turns, list):
         raise _Bad(f"{c.messages} should be a list of messages, got {type(turns).__name__}")
     role_map = {t.user_tag: "user", t.observation_tag: "tool", t.assistant_tag: "assistant",

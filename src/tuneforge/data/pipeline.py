@@ -18,7 +18,7 @@ from pathlib import Path
 from tuneforge.config.schema import DataConfig
 from tuneforge.data.convert import Conversion, convert_rows
 from tuneforge.data.readers import read_rows
-from tuneforge.data.registry import DatasetSpec, resolve_dataset
+from tuneforge.data.registry import DatasetSpec, outside_reason, resolve_dataset
 from tuneforge.data.stages import STAGE_TOKENIZERS
 from tuneforge.data.template import ChatTemplate
 from tuneforge.data.tokenized import TokenizedData, load_npz, save_npz
@@ -39,6 +39,25 @@ class DatasetReport:
     notes: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     from_cache: bool = False
+    overlong: str = "drop"  # data.overlong: whether truncation may cut answers
+
+    def lines(self) -> list[str]:
+        """The report of this data set: rows read and used, each drop with its reason, truncation, notes, lengths."""
+        cached = " (tokenized copy from cache)" if self.from_cache else ""
+        lines = [f"{self.name}: {self.rows_read} rows read, {self.rows_used} used{cached}"]
+        lines += [f"  dropped {n}: {reason}" for reason, n in sorted(self.dropped.items())]
+        if self.skipped_bad_rows:
+            lines.append(f"  skipped {self.skipped_bad_rows} malformed rows (data.on_bad_row: skip)")
+        if self.truncated:
+            how = ("prompts shortened to fit cutoff_len (answers kept whole)" if self.overlong == "drop" else
+                   "prompts, and answers where needed, shortened to fit cutoff_len (data.overlong: truncate_answer)")
+            lines.append(f"  truncated {self.truncated}: {how}")
+        lines += [f"  note: {note}" for note in self.notes]
+        s = self.stats
+        if s.get("sequences"):
+            lines.append(f"  tokens per sequence: min {s['min']}, median {s['median']}, p90 {s['p90']}, "
+                         f"max {s['max']}; {s['tokens']:,} tokens, {s['supervised_tokens']:,} supervised")
+        return lines
 
 
 @dataclass
@@ -57,8 +76,11 @@ def load_data(cfg: DataConfig, stage: str, tokenizer, template: ChatTemplate, ca
     reports, parts = [], []
     for spec, conversion, n_read in conversions + eval_conversions:
         report = DatasetReport(spec.name, rows_read=n_read, dropped=Counter(conversion.dropped),
-                               skipped_bad_rows=len(conversion.bad_rows))
+                               skipped_bad_rows=len(conversion.bad_rows), overlong=cfg.overlong)
         report.notes += _ignored_column_notes(spec)
+        outside = _outside(spec, cfg)
+        if outside:
+            report.notes.append(f"warning: {outside}; it was read (data.strict_paths: true refuses such files)")
         data = _tokenize_cached(conversion, stage, tokenizer, template, cfg, cache_dir, report)
         report.stats = data.stats()
         reports.append(report)
@@ -68,15 +90,17 @@ def load_data(cfg: DataConfig, stage: str, tokenizer, template: ChatTemplate, ca
     if evaluation is None and cfg.val_size > 0:
         train, evaluation = _split(train, cfg.val_size, seed)
     if len(train) == 0:
-        raise DataError("no training rows are left after loading; see the per-data-set report "
-                        "(`tuneforge check CONFIG`) for why rows were dropped")
+        report = "\n  ".join(line for r in reports for line in r.lines())
+        raise DataError(f"no training rows are left after loading; what happened to each data set:\n  {report}")
     return DataBundle(train, evaluation, reports)
 
 
 def load_examples(name: str, cfg: DataConfig, max_samples: int | None = None, hub: str = "huggingface"):
     """Converted rows of one data set (no tokenization), for prediction and evaluation; bad rows raise."""
     spec = resolve_dataset(name, cfg.dataset_dir)
-    rows = read_rows(spec, hub)[: max_samples or None]
+    _check_containment(spec, cfg)
+    rows = read_rows(spec, hub)
+    rows = rows if max_samples is None else rows[:max_samples]
     conversion = convert_rows(spec, rows, cfg.placeholders)
     if conversion.bad_rows:
         raise DataError(*conversion.bad_rows[:MAX_LISTED_BAD_ROWS])
@@ -85,6 +109,7 @@ def load_examples(name: str, cfg: DataConfig, max_samples: int | None = None, hu
 
 def _load_converted(name: str, cfg: DataConfig, stage: str, seed: int, hub: str):
     spec = resolve_dataset(name, cfg.dataset_dir)
+    _check_containment(spec, cfg)
     _check_stage(spec, stage)
     rows = read_rows(spec, hub)
     if spec.num_samples:
@@ -92,6 +117,21 @@ def _load_converted(name: str, cfg: DataConfig, stage: str, seed: int, hub: str)
     if cfg.max_samples:
         rows = rows[: cfg.max_samples]
     return spec, convert_rows(spec, rows, cfg.placeholders, cfg.default_system), len(rows)
+
+
+def _outside(spec: DatasetSpec, cfg: DataConfig) -> str | None:
+    if spec.name == str(spec.path):  # a bare file named in data.dataset: it must lie in the data folder
+        root, resolved = Path(cfg.dataset_dir).resolve(), spec.path.resolve()
+        return None if root in resolved.parents else f"{spec.path} is outside the data folder {root}"
+    return outside_reason(spec)
+
+
+def _check_containment(spec: DatasetSpec, cfg: DataConfig) -> None:
+    """With data.strict_paths (the web UI and API set it) nothing outside the data folder is read."""
+    problem = _outside(spec, cfg) if cfg.strict_paths else None
+    if problem:
+        raise DataError(f"data set {spec.name!r}: {problem}; data.strict_paths is on, so only files inside the data "
+                        "folder are read. hint: copy the data into the data folder")
 
 
 def _check_stage(spec: DatasetSpec, stage: str) -> None:
@@ -136,8 +176,9 @@ def _tokenize_cached(conversion: Conversion, stage: str, tokenizer, template: Ch
                      cache_dir: Path, report: DatasetReport) -> TokenizedData:
     key = _cache_key(conversion, stage, tokenizer, template, cfg)
     path = Path(cache_dir) / "tokenized" / f"{key}.npz"
-    if path.is_file() and not cfg.overwrite_cache:
-        data, meta = load_npz(path)
+    loaded = _load_cache(path, report) if path.is_file() and not cfg.overwrite_cache else None
+    if loaded is not None:
+        data, meta = loaded
         report.from_cache = True
     else:
         data, meta = _tokenize(conversion, stage, tokenizer, template, cfg)
@@ -146,6 +187,15 @@ def _tokenize_cached(conversion: Conversion, stage: str, tokenizer, template: Ch
     report.truncated = meta["truncated"]
     report.rows_used = meta["rows_used"]
     return data
+
+
+def _load_cache(path: Path, report: DatasetReport):
+    """A cached tokenization, or None (with a note) when the file is damaged: it is then rebuilt."""
+    try:
+        return load_npz(path)
+    except Exception as exc:  # a cut or corrupt cache file is never worth a failed run
+        report.notes.append(f"the tokenized cache {path.name} was unreadable ({type(exc).__name__}); tokenized again")
+        return None
 
 
 def _tokenize(conversion: Conversion, stage: str, tokenizer, template: ChatTemplate, cfg: DataConfig):

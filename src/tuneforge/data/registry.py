@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -79,33 +80,51 @@ class DatasetSpec(BaseModel):
         return self.formatting == "alpaca" and c.prompt == "text" and "response" not in c.model_fields_set
 
 
-def load_registry(dataset_dir: str | Path) -> dict[str, DatasetSpec]:
-    """Parse `<dataset_dir>/dataset_info.json`; every malformed entry is reported at once."""
+class Registry(Mapping):
+    """The entries of one dataset_info.json, each validated when it is used: a malformed entry is reported (all
+    its problems at once) only by the runs that use it, and does not block the others."""
+
+    def __init__(self, info: Path, raw: dict):
+        self.info, self.raw, self._specs = info, raw, {}
+
+    def __getitem__(self, name: str) -> DatasetSpec:
+        if name not in self._specs:
+            entry = self.raw[name]
+            if not isinstance(entry, dict):
+                raise DataError(f"{self.info}: {name}: expected an object with file_name or hf_hub_url")
+            try:
+                self._specs[name] = DatasetSpec.model_validate({**entry, "name": name,
+                                                                 "base_dir": str(self.info.parent)})
+            except ValidationError as exc:
+                raise DataError(*[f"{self.info}: {name}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                                  for err in exc.errors()]) from None
+        return self._specs[name]
+
+    def __iter__(self):
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+
+def load_registry(dataset_dir: str | Path) -> Registry:
+    """`<dataset_dir>/dataset_info.json` (relative folders are taken from the working directory, as
+    LLaMA-Factory takes them)."""
     info = Path(dataset_dir) / "dataset_info.json"
     if not info.is_file():
         raise DataError(
-            f"{info}: no dataset_info.json here. hint: set data.dataset_dir to the folder that holds it, "
-            "or name a data file directly in data.dataset"
+            f"{info.absolute()}: no dataset_info.json here. hint: set data.dataset_dir to the folder that holds it "
+            "(a relative folder is taken from the working directory), or name a data file directly in data.dataset"
         )
     try:
-        raw = json.loads(info.read_text(encoding="utf-8"))
+        raw = json.loads(info.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{info} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{info}: not UTF-8 text. hint: save it as UTF-8") from None
     if not isinstance(raw, dict):
         raise DataError(f"{info}: expected an object mapping data set names to their descriptions")
-    specs, problems = {}, []
-    for name, entry in raw.items():
-        try:
-            specs[name] = DatasetSpec.model_validate({**entry, "name": name, "base_dir": str(Path(dataset_dir))})
-        except ValidationError as exc:
-            for err in exc.errors():
-                where = ".".join(str(p) for p in err["loc"])
-                problems.append(f"{info}: {name}.{where}: {err['msg']}")
-        except TypeError:
-            problems.append(f"{info}: {name}: expected an object with file_name or hf_hub_url")
-    if problems:
-        raise DataError(*problems)
-    return specs
+    return Registry(info, raw)
 
 
 def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
@@ -119,9 +138,27 @@ def resolve_dataset(name: str, dataset_dir: str | Path) -> DatasetSpec:
     close = difflib.get_close_matches(name, list(registry), n=3)
     hint = f" did you mean {', '.join(close)}?" if close else ""
     raise DataError(
-        f"data set {name!r} is not in {Path(dataset_dir) / 'dataset_info.json'}.{hint} "
+        f"data set {name!r} is not in {registry.info.absolute()}.{hint} "
         "hint: add an entry for it there, or give the path of a .json/.jsonl/.csv/.parquet/.txt file"
     )
+
+
+def outside_reason(spec: DatasetSpec) -> str | None:
+    """Why a registered file lies outside the registry's folder (an absolute path, `..`, or a symlink leading
+    out), or None when it is inside. Bare file paths named in data.dataset are checked against that folder too."""
+    path = spec.path
+    if path is None:
+        return None
+    root = Path(spec.base_dir).resolve()
+    files = [path]
+    if path.is_dir():
+        files += [p for p in path.rglob("*") if p.is_file() or p.is_symlink()]
+    for f in files:
+        resolved = f.resolve()
+        if resolved != root and root not in resolved.parents:
+            how = "a symlink out of" if f.is_symlink() or any(p.is_symlink() for p in f.parents) else "outside"
+            return f"{f} is {how} the data folder {root} (it resolves to {resolved})"
+    return None
 
 
 def spec_for_file(path: Path) -> DatasetSpec:

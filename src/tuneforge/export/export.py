@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuneforge.errors import ConfigError
-from tuneforge.export.gguf_writer import write_gguf
-from tuneforge.export.merge import merged_model, model_card, save_hf
+from tuneforge.export.gguf_writer import TYPES, write_gguf
+from tuneforge.export.merge import check_out_folder, merged_model, model_card, save_hf
 from tuneforge.export.ollama import write_modelfile
 from tuneforge.model.runs import run_base_model
 from tuneforge.model.loader import CONVERTED_MARKER
@@ -19,14 +19,22 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fmt: str = "hf", gguf_t
         return save_hf(run_dir, out_dir, max_shard_size)
     if fmt != "gguf":
         raise ConfigError(f"--format {fmt!r}: expected hf or gguf")
+    if gguf_type not in TYPES:  # before the merge, which takes a while
+        raise ConfigError(f"--gguf-type {gguf_type!r}: expected one of {', '.join(TYPES)}")
     run = open_run(run_dir)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} is not empty; choose a new folder so nothing is overwritten")
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_folder(out)
     model, tokenizer, engine = merged_model(run.path)
     name = f"{run.path.name}-{gguf_type}.gguf"
-    write_gguf(model, tokenizer, out / name, gguf_type, name=run.path.name, pre_tokenizer=_source_pre(run))
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        write_gguf(model, tokenizer, out / name, gguf_type, name=run.path.name, pre_tokenizer=_source_pre(run))
+    except BaseException:  # nothing half-written is left behind
+        (out / name).unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
     write_modelfile(out, name, tokenizer, engine.stop, engine.default_system)
     (out / "README.md").write_text(model_card(run), encoding="utf-8")
     return out / name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tuneforge.errors import ConfigError
@@ -19,12 +20,24 @@ def merged_model(run_dir: str | Path):
     return model, engine.tokenizer, engine
 
 
-def save_hf(run_dir: str | Path, out_dir: str | Path, max_shard_size: str = "2GB") -> Path:
-    """Safetensors shards, tokenizer with the trained chat template, generation config, model card."""
-    run = open_run(run_dir)
-    out = Path(out_dir)
+SHARD_SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]I?B|B)?$", re.IGNORECASE)
+
+
+def check_out_folder(out: Path) -> None:
+    """Exports go into a new or empty folder, checked before any weight is loaded."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a new folder (the export writes several files)")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} is not empty; choose a new folder so nothing is overwritten")
+
+
+def save_hf(run_dir: str | Path, out_dir: str | Path, max_shard_size: str = "2GB") -> Path:
+    """Safetensors shards, tokenizer with the trained chat template, generation config, model card."""
+    if not SHARD_SIZE.match(str(max_shard_size).strip()):
+        raise ConfigError(f"--max-shard-size {max_shard_size!r}: expected a size such as 2GB, 500MB or 4GiB")
+    run = open_run(run_dir)
+    out = Path(out_dir)
+    check_out_folder(out)
     model, tokenizer, engine = merged_model(run.path)
     model.generation_config.eos_token_id = engine.stop_ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -20,6 +20,7 @@ from tuneforge.config.schema import ModelConfig
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.model.depth import load_mixture_of_depths
 from tuneforge.model.embedded import embedded_models, locate_embedded
+from tuneforge.model.integrity import verify_gguf
 
 CONVERTED_MARKER = "tuneforge_source.json"
 FINGERPRINTS = "gguf_fingerprints.json"
@@ -60,9 +61,10 @@ def resolve_model(cfg: ModelConfig) -> ModelSource:
             return ModelSource(str(convert_gguf(ggufs[0], cache)), "gguf", f"{ggufs[0]} (GGUF)")
         what = "several .gguf files: set model.gguf_file" if ggufs else "no config.json and no .gguf file"
         raise ModelError(f"model.name_or_path: folder {local} holds {what}")
-    tried.append(f"local path: {local} does not exist")
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return _from_hub(cfg, tried)
+    tried.append(f"local path: {local.absolute()} does not exist")
+    first = Path(name.split("/")[0]).expanduser()
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")) and not first.is_dir():
+        return _from_hub(cfg, tried)  # org/name, where org is not a local folder (runs/nope is a missing run)
     raise ModelError(f"model.name_or_path: cannot find model {name!r}. tried: " + "; ".join(tried)
                      + ". hint: give an embedded name, a local folder or .gguf file, or a hub id like org/name")
 
@@ -88,7 +90,8 @@ def _from_hub(cfg: ModelConfig, tried: list[str]) -> ModelSource:
     except ModelError:
         raise
     except Exception as exc:  # offline, missing repo, gated repo: the user needs the reason and the list
-        tried.append(f"{cfg.hub} hub: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+        reason = (str(exc).splitlines() or [""])[0]
+        tried.append(f"{cfg.hub} hub: {type(exc).__name__}: {reason if len(reason) <= 200 else reason[:200] + '...'}")
         raise ModelError(f"model.name_or_path: cannot find model {name!r}. tried: " + "; ".join(tried)
                          + ". hint: without network, use an embedded model or download the model folder") from None
     return ModelSource(path, cfg.hub, f"{name} ({cfg.hub} hub)")
@@ -126,6 +129,7 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     target = Path(cache_dir) / "models" / f"{gguf.stem}-{gguf_fingerprint(gguf, cache_dir)}"
     if (target / CONVERTED_MARKER).is_file():
         return target
+    verify_gguf(gguf)
     print(f"tuneforge: converting {gguf.name} to a safetensors cache (once) at {target}", flush=True)
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tuneforge.errors import ModelError
 from tuneforge.model.adapters import ADAPTED_BASE, load_adapted_base
+from tuneforge.model.integrity import verify_weight_folder
 from tuneforge.model.loader import fit_vocabulary, load_model, load_tokenizer, resolve_dtype, resolve_model
 
 
@@ -25,6 +26,7 @@ def load_run_weights(run, reward: bool = False):
     weights = run.weights
     if not weights.is_dir():
         raise ModelError(f"{run.path}: no adapter/ or model/ folder; the run has not saved weights yet")
+    verify_weight_folder(weights)
     base = run_base_model(run)
     tokenizer = load_tokenizer(str(weights), cfg.model.trust_remote_code)
     dtype = resolve_dtype(cfg.model.dtype)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from tuneforge.errors import TrainingError
+
 
 class MetricsCallback(TrainerCallback):
     """Append every log event to metrics.jsonl and redraw loss.png (at most every `plot_every_s` seconds)."""
@@ -94,3 +96,77 @@ class GracefulStop(TrainerCallback):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Keeps NaN and inf out of a run. An optimizer step whose gradients are not finite is skipped (its gradients
+    dropped); after `patience` such steps in a row, or as soon as a weight is not finite, the run stops without
+    saving the broken state, and `failure` says at which step and why."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.skipped = 0  # consecutive optimizer steps skipped
+        self.step = 0
+        self.failure: str | None = None
+        self._params: list = []
+
+    def attach(self, params: list, optimizer) -> None:
+        self._params = list(params)
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+        inner.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self.drop_non_finite_gradients()
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.attach([p for p in model.parameters() if p.requires_grad], optimizer)
+        self.step = state.global_step
+
+    def drop_non_finite_gradients(self) -> bool:
+        """Before an optimizer step: drop every gradient when one is NaN or inf (optimizers skip parameters
+        without a gradient). Returns True when the step may go ahead."""
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if grads and all_finite(grads):
+            self.skipped = 0
+            return True
+        for p in self._params:
+            p.grad = None
+        self.skipped += 1
+        return False
+
+    def check(self, step: int) -> str | None:
+        """After an optimizer step: the reason to stop, if there is one."""
+        self.step = step
+        if self.skipped > self.patience:
+            self.failure = (f"the loss or gradients were NaN or infinite for {self.skipped} optimizer steps in a row "
+                            f"(up to step {step}; train.non_finite_patience={self.patience})")
+        elif self._params and not all_finite(self._params):
+            self.failure = f"the weights became NaN or infinite at step {step}"
+        return self.failure
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.check(state.global_step):
+            control.should_save = False  # never a checkpoint of broken weights
+            control.should_training_stop = True
+
+
+def all_finite(tensors) -> bool:
+    """True when no element of the tensors is NaN or infinite (a norm is finite exactly then)."""
+    import torch
+
+    norms = torch._foreach_norm([t.detach() for t in tensors])
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
+def stop_if_diverged(guard: NonFiniteGuard, run, cfg) -> None:
+    """A run stopped by NaN or inf is marked failed with its reason; its broken weights are not saved."""
+    if not guard.failure:
+        return
+    run.update_meta(status="failed", finished=time.strftime("%Y-%m-%d %H:%M:%S"), error=guard.failure,
+                    global_step=guard.step)
+    kept = sorted((p for p in run.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                  key=lambda p: int(p.name.split("-")[-1]))
+    last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written before"
+    raise TrainingError(f"{run.path}: {guard.failure}; the run stopped and saved nothing from that step on; {last}. "
+                        f"hint: lower train.learning_rate (now {cfg.train.learning_rate:g}), keep "
+                        f"train.max_grad_norm on (now {cfg.train.max_grad_norm:g}), or check the data for extreme rows")

@@ -31,7 +31,7 @@ from tuneforge.model.heads import ValueHead
 from tuneforge.model.reward import RewardModel
 from tuneforge.model.scoring import forward_at, token_logprobs, unwrap
 from tuneforge.rundir import RunDir
-from tuneforge.train.callbacks import GracefulStop, plot_loss
+from tuneforge.train.callbacks import GracefulStop, NonFiniteGuard, plot_loss, stop_if_diverged
 from tuneforge.train.ppo_checkpoint import PPOState, load_ppo_checkpoint, save_ppo_checkpoint
 from tuneforge.train.ppo_losses import gae, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
 
@@ -75,6 +75,8 @@ def run_ppo(cfg, model, prepared, run: RunDir, ref_model=None, reward=None, chec
     if checkpoint:
         state = load_ppo_checkpoint(checkpoint, accelerator.unwrap_model(model), value_head, optimizer, scheduler)
         print(f"tuneforge: ppo continues after step {state.step} from {checkpoint}", flush=True)
+    guard = NonFiniteGuard(t.non_finite_patience)
+    guard.attach(params, optimizer)
     tokenizer, stop = prepared.tokenizer, GracefulStop()
     sampler = Sampler(tokenizer, stop_token_ids(tokenizer, prepared.template.stop) or [tokenizer.eos_token_id], m)
     stop.on_train_begin(None, None, None)
@@ -93,12 +95,15 @@ def run_ppo(cfg, model, prepared, run: RunDir, ref_model=None, reward=None, chec
         state.history.append({k: stats[k] for k in ("reward", "kl")})
         if step % t.logging_steps == 0 or step == 1 or step == steps:
             _log(run, stats, cfg.output.plot_loss)
+        if guard.check(step):
+            break
         if step % t.save_steps == 0 or stop.requested:
             save_ppo_checkpoint(run.checkpoints, state, accelerator.unwrap_model(model), value_head, optimizer,
                                 scheduler, t.save_total_limit)
         if stop.requested:
             break
     stop.on_train_end(None, None, None)
+    stop_if_diverged(guard, run, cfg)
     status = "interrupted" if stop.requested else "completed"
     policy = accelerator.unwrap_model(model)
     target = run.path / ("adapter" if cfg.method.adapter.type == "lora" else "model")

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneforge.errors import ConfigError
+from tuneforge.rundir import mark_checkpoint_complete
 
 WEIGHTS, STATE = "trainable.safetensors", "ppo_state.json"
 VALUE_PREFIX = "value_head."
@@ -51,6 +52,7 @@ def save_ppo_checkpoint(folder: Path, state: PPOState, model, value_head, optimi
     version, internal, gauss = state.rng.getstate()
     (partial / STATE).write_text(json.dumps({"step": state.step, "order": state.order, "history": state.history,
                                              "rng": [version, list(internal), gauss]}), encoding="utf-8")
+    mark_checkpoint_complete(partial, state.step)  # last: the checkpoint is complete
     shutil.rmtree(target, ignore_errors=True)
     partial.rename(target)
     _rotate(Path(folder), keep)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import set_seed
@@ -15,6 +15,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.model.adapters import (ParamCount, apply_adapter, check_loftq, count_params, quantizes_base,
                                       upcast_trainable)
 from tuneforge.model.depth import CONFIG_KEY, ROUTER, apply_mixture_of_depths
+from tuneforge.model.integrity import verify_weight_folder
 from tuneforge.model.loader import (ModelSource, add_new_tokens, check_kernels, default_cache_dir, fit_vocabulary,
                                    load_model, load_tokenizer, new_token_ids, quantization_config, resolve_dtype,
                                    resolve_model)
@@ -28,6 +29,7 @@ class Prepared:
     template: ChatTemplate
     template_note: str | None
     data: DataBundle
+    warnings: list[str] = field(default_factory=list)
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -49,6 +51,7 @@ def prepare(cfg: TuneForgeConfig) -> Prepared:
         check_loftq()
     quantization_config(cfg.model, resolve_dtype(cfg.model.dtype))  # unsupported here: say so before loading
     source = resolve_model(cfg.model)
+    verify_weight_folder(source.path)  # a truncated or corrupt file is named now, not as a traceback later
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     add_new_tokens(tokenizer, cfg.model.new_special_tokens)
     template, note = resolve_template(cfg.model.template, tokenizer)
@@ -56,7 +59,23 @@ def prepare(cfg: TuneForgeConfig) -> Prepared:
         tokenizer.chat_template = template.jinja
     data = load_data(cfg.data, cfg.method.stage, tokenizer, template, default_cache_dir(cfg.model),
                      seed=cfg.train.seed)
-    return Prepared(source, tokenizer, template, note, data)
+    return Prepared(source, tokenizer, template, note, data, config_warnings(cfg, source))
+
+
+def config_warnings(cfg: TuneForgeConfig, source: ModelSource) -> list[str]:
+    """Settings that are allowed but almost certainly not meant."""
+    from transformers import AutoConfig
+
+    found = []
+    if cfg.train.learning_rate > 1e-2:
+        found.append(f"train.learning_rate={cfg.train.learning_rate:g} is far above what fine-tuning uses (1e-6 to "
+                     "1e-3); the loss will probably become NaN. hint: try 1e-4 (LoRA) or 1e-5 (full)")
+    model_config = AutoConfig.from_pretrained(source.path, trust_remote_code=cfg.model.trust_remote_code)
+    context = getattr(getattr(model_config, "text_config", None) or model_config, "max_position_embeddings", None)
+    if context and cfg.data.cutoff_len > context:
+        found.append(f"data.cutoff_len={cfg.data.cutoff_len} is longer than the model's context ({context} tokens); "
+                     f"positions past {context} were never trained. hint: data.cutoff_len={context} or less")
+    return found
 
 
 def build_model(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None):

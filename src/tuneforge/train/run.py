@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,12 +18,12 @@ from tuneforge.config.schema import BadamOptimizer
 from tuneforge.data.collate import KTOCollator, PackedCollator, PadCollator, PairCollator
 from tuneforge.data.template import stop_token_ids
 from tuneforge.model.adapters import ADAPTED_BASE, count_params, moves_base_weights, quantizes_base, save_adapted_base
-from tuneforge.train.callbacks import GracefulStop, MetricsCallback
+from tuneforge.train.callbacks import GracefulStop, MetricsCallback, NonFiniteGuard, stop_if_diverged
 from tuneforge.train.optimizers import low_rank_training_args
 from tuneforge.train.preference_trainer import DPOTrainer, KTOTrainer, RewardTrainer
 from tuneforge.train.prepare import Prepared, build_model, build_reference, prepare
 from tuneforge.train.report import format_data_report
-from tuneforge.rundir import RunDir, prepare_run_dir
+from tuneforge.rundir import RunDir, finish_run, plan_run, start_run
 from tuneforge.train.trainer import TuneForgeTrainer
 
 
@@ -36,13 +38,52 @@ INIT_ADAPTER = "adapter_init"  # PiSSA / OLoRA: the adapter as initialised, kept
 
 
 def train(config, overrides: list[str] = ()) -> RunResult:
-    """Fine-tune as configured (a YAML path, dict or TuneForgeConfig) and save everything to the run directory."""
+    """Fine-tune as configured (a YAML path, dict or TuneForgeConfig) and save everything to the run directory.
+    Config, data, model and trainer are all validated before the run directory is touched."""
     cfg = load_config(config, overrides)
-    prepared = prepare(cfg)  # all validation and tokenization happen before the run directory is touched
+    plan = plan_run(cfg)
+    prepared = prepare(cfg)
     print(format_data_report(prepared), flush=True)
-    run, checkpoint = prepare_run_dir(cfg)
+    for note in plan.notes:
+        print(f"tuneforge: {note}", flush=True)
     model = build_model(cfg, prepared.source, prepared.tokenizer)
     print(f"tuneforge: {count_params(model)}", flush=True)
+    reference = build_reference(cfg, prepared.source)
+    trainer = stop = None
+    if cfg.method.stage != "ppo":
+        with _new_folder_removed_on_error(plan.run.path):
+            trainer, stop = build_trainer(cfg, model, prepared, plan.run, reference)
+    run = start_run(plan, cfg)
+    try:
+        _save_start(cfg, model, prepared, run)
+        if trainer is None:
+            from tuneforge.train.ppo import run_ppo
+
+            result = run_ppo(cfg, model, prepared, run, reference, checkpoint=plan.checkpoint)
+        else:
+            result = _train(cfg, trainer, stop, prepared, run, plan.checkpoint)
+    except BaseException:  # whatever stopped it, the run is not left looking as if it were still running
+        if run.meta().get("status") == "running":
+            run.update_meta(status="failed", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        raise
+    if result.status == "completed":
+        finish_run(plan)
+    return result
+
+
+@contextlib.contextmanager
+def _new_folder_removed_on_error(path: Path):
+    """Building the trainer creates the run's folders; if it fails, a folder that did not exist before goes again."""
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and path.is_dir():
+            shutil.rmtree(path)
+        raise
+
+
+def _save_start(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir) -> None:
     if moves_base_weights(cfg.method.adapter) and not (run.path / INIT_ADAPTER).exists():
         with warnings.catch_warnings():  # PEFT warns that the base moved: the final save converts for it
             warnings.simplefilter("ignore", UserWarning)
@@ -52,16 +93,12 @@ def train(config, overrides: list[str] = ()) -> RunResult:
     run.update_meta(base_model=prepared.source.path, base_model_name=cfg.model.name_or_path,
                     template=prepared.template.name, stop=list(prepared.template.stop), stage=cfg.method.stage,
                     default_system=cfg.data.default_system, adapter=cfg.method.adapter.type)
-    if cfg.method.stage == "ppo":
-        from tuneforge.train.ppo import run_ppo
 
-        return run_ppo(cfg, model, prepared, run, build_reference(cfg, prepared.source), checkpoint=checkpoint)
-    trainer, stop = build_trainer(cfg, model, prepared, run, build_reference(cfg, prepared.source))
-    try:
-        output = trainer.train(resume_from_checkpoint=checkpoint)
-    except BaseException:
-        run.update_meta(status="failed", finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-        raise
+
+def _train(cfg: TuneForgeConfig, trainer, stop: GracefulStop, prepared: Prepared, run: RunDir,
+           checkpoint: str | None) -> RunResult:
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    stop_if_diverged(trainer_guard(trainer), run, cfg)
     status = "interrupted" if stop.requested else "completed"
     metrics = dict(output.metrics)
     if prepared.data.eval is not None and status == "completed":
@@ -73,6 +110,10 @@ def train(config, overrides: list[str] = ()) -> RunResult:
         print(f"tuneforge: interrupted at step {trainer.state.global_step}; continue with "
               f"`tuneforge train {run.path / 'config.yaml'} train.resume_from_checkpoint=auto`", flush=True)
     return RunResult(run.path, status, metrics)
+
+
+def trainer_guard(trainer) -> NonFiniteGuard:
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NonFiniteGuard))
 
 
 TRAINERS = {"sft": TuneForgeTrainer, "pt": TuneForgeTrainer, "rm": RewardTrainer, "dpo": DPOTrainer,
@@ -137,7 +178,7 @@ def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir, 
         eval_dataset=prepared.data.eval,
         data_collator=collator,
         processing_class=prepared.tokenizer,
-        callbacks=[MetricsCallback(run.path, plot=cfg.output.plot_loss), stop],
+        callbacks=[MetricsCallback(run.path, plot=cfg.output.plot_loss), stop, NonFiniteGuard(t.non_finite_patience)],
         **extra,
     )
     trainer.loraplus_lr_ratio = getattr(cfg.method.adapter, "loraplus_lr_ratio", None)

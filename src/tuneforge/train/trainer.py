@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
+from pathlib import Path
 
 import torch
 from transformers import Trainer
+
+try:  # a function since transformers 5.2x, a Trainer method before
+    from transformers.trainer_utils import rotate_checkpoints
+except ImportError:  # pragma: no cover - older transformers
+    rotate_checkpoints = None
+
+from tuneforge.rundir import mark_checkpoint_complete
 
 from tuneforge.model.scoring import causal_lm_loss_sum, supervised_logits
 
@@ -57,6 +67,34 @@ class TuneForgeTrainer(Trainer):
         groups = loraplus_param_groups(model, self.args.learning_rate, self.loraplus_lr_ratio, self.args.weight_decay)
         self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write checkpoint-<step> under a temporary name, mark it complete, then rename it into place: a kill in
+        the middle of a save leaves the previous checkpoints as they were and no half-written newest one."""
+        final = Path(self.args.output_dir)
+        staging = final / ".partial"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = str(final)
+        self.accelerator.wait_for_everyone()  # every process has written its part (e.g. its random state)
+        if not self.args.should_save:
+            return
+        written = staging / f"checkpoint-{self.state.global_step}"
+        mark_checkpoint_complete(written, self.state.global_step)
+        target = final / written.name
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(written, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        if rotate_checkpoints is None:
+            self._rotate_checkpoints(use_mtime=False, output_dir=str(final))
+        else:
+            rotate_checkpoints(output_dir=str(final), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add throughput since the previous one

@@ -62,13 +62,18 @@ def test_missing_registry_explains_dataset_dir(tmp_path):
         load_registry(tmp_path)
 
 
-def test_malformed_registry_entries_are_all_reported(tmp_path):
+def test_a_malformed_registry_entry_is_reported_only_where_it_is_used(tmp_path):
     (tmp_path / "dataset_info.json").write_text(json.dumps({
-        "a": {"file_name": "a.json", "formating": "sharegpt"}, "b": {"file_name": "b.json", "ranking": "maybe"}}))
+        "a": {"file_name": "a.json", "formating": "sharegpt", "ranking": "maybe"},
+        "good": {"file_name": "good.json"}, "odd": "not an object"}))
+    registry = load_registry(tmp_path)
+    assert registry["good"].file_name == "good.json"  # the broken neighbours do not block it
     with pytest.raises(DataError) as info:
-        load_registry(tmp_path)
-    assert len(info.value.problems) == 2
-    assert "a.formating: Extra inputs are not permitted" in info.value.problems[0]
+        resolve_dataset("a", tmp_path)
+    assert len(info.value.problems) == 2  # every problem of the entry at once
+    assert any("a.formating: Extra inputs are not permitted" in p for p in info.value.problems)
+    with pytest.raises(DataError, match="odd: expected an object with file_name or hf_hub_url"):
+        resolve_dataset("odd", tmp_path)
 
 
 @pytest.mark.parametrize("rows, formatting, role_tag", [

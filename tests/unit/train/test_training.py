@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from tuneforge.config import load_config
-from tuneforge.errors import ConfigError
+from tuneforge.errors import ConfigError, TrainingError, UserError
 from tuneforge.train.prepare import build_model, prepare
 from tuneforge.train.check import check
 from tuneforge.train.run import build_trainer, train
@@ -152,9 +152,11 @@ def test_an_interrupted_run_keeps_a_checkpoint_and_resumes(tiny_config, monkeypa
 
 def test_an_existing_run_is_not_overwritten_by_accident(tiny_config):
     train(tiny_config)
-    with pytest.raises(ConfigError, match="already holds a run \\(status: completed\\). hint: set output.overwrite=true"):
+    with pytest.raises(ConfigError, match=r"already holds a run \(status: completed\). hint: start again with "
+                                          r"output.overwrite=true \(the old run is kept as .prev"):
         train(tiny_config)
     assert train(tiny_config, ["output.overwrite=true"]).status == "completed"
+    assert not Path(tiny_config["output"]["run_dir"] + ".prev").exists()  # gone once the new run completed
 
 
 def test_a_foreign_folder_is_never_cleared(tiny_config, tmp_path):
@@ -163,6 +165,132 @@ def test_a_foreign_folder_is_never_cleared(tiny_config, tmp_path):
     with pytest.raises(ConfigError, match="is not a TuneForge run directory"):
         train(tiny_config, ["output.overwrite=true"])
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_never_deletes_files_tuneforge_did_not_write(tiny_config, tmp_path):
+    run = train(tiny_config).run_dir
+    (run / "my_notes.md").write_text("mine")
+    (run / "reviews.jsonl").write_text("{}")
+    with pytest.raises(ConfigError, match=r"also holds files TuneForge did not write \(my_notes.md, reviews.jsonl\)"):
+        train(tiny_config, ["output.overwrite=true"])
+    assert (run / "my_notes.md").read_text() == "mine" and (run / "adapter").is_dir()
+
+
+@pytest.mark.parametrize("broken", ["train.optim=adamw_bogus", "train.learning_rate=inf", "model.name_or_path=nope/x"])
+def test_a_bad_overwrite_leaves_the_previous_run_untouched(tiny_config, broken):
+    run = train(tiny_config).run_dir
+    before = {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")}
+    with pytest.raises(UserError):
+        train(tiny_config, ["output.overwrite=true", broken])
+    assert {p.relative_to(run): p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_a_failed_overwrite_keeps_the_previous_run_as_prev(tiny_config, monkeypatch):
+    import tuneforge.train.trainer as trainer_module
+
+    tiny_config["train"].update(max_steps=4, save_steps=2)
+    run = train(tiny_config).run_dir
+    original = trainer_module.TuneForgeTrainer.compute_loss
+
+    def crash_at_step_3(self, *args, **kwargs):
+        if self.state.global_step == 2:
+            raise RuntimeError("the machine ran out of something")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.TuneForgeTrainer, "compute_loss", crash_at_step_3)
+    with pytest.raises(RuntimeError):
+        train(tiny_config, ["output.overwrite=true"])
+    previous = Path(str(run) + ".prev")
+    assert (previous / "adapter" / "adapter_model.safetensors").is_file()  # the finished run is still there
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    with pytest.raises(ConfigError, match=r"\.prev holds the run an earlier overwrite replaced"):
+        train(tiny_config, ["output.overwrite=true"])
+    monkeypatch.setattr(trainer_module.TuneForgeTrainer, "compute_loss", original)
+    assert train(tiny_config, ["train.resume_from_checkpoint=auto"]).status == "completed"
+    assert not previous.exists()  # the replacing run completed: the old one goes
+
+
+def test_a_dead_run_shows_as_crashed_and_the_message_offers_the_real_choices(tiny_config):
+    from tuneforge.rundir import open_run
+
+    tiny_config["train"].update(max_steps=4, save_steps=2)
+    run = train(tiny_config).run_dir
+    open_run(run).update_meta(status="running", pid=2 ** 22 + 12345)  # a process that does not exist
+    assert open_run(run).status() == "crashed"
+    with pytest.raises(ConfigError, match=r"status: crashed at step 4\). hint: continue it from checkpoint-4 with "
+                                          r"train.resume_from_checkpoint=auto, start again with output.overwrite=true"):
+        train(tiny_config)
+    import os
+
+    open_run(run).update_meta(status="running", pid=os.getpid())  # alive: someone is training here
+    with pytest.raises(ConfigError, match="in use by a training process that is still running"):
+        train(tiny_config, ["output.overwrite=true"])
+
+
+def test_resume_skips_incomplete_checkpoints_and_refuses_a_missing_optimizer(tiny_config, capsys):
+    import shutil
+
+    tiny_config["train"].update(max_steps=4, save_steps=2, save_total_limit=5)
+    run = train(tiny_config).run_dir
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert all((p / "tuneforge_checkpoint.json").is_file() for p in checkpoints.iterdir())
+    # a save killed half-way (no completion marker) and one missing its weights
+    cut = shutil.copytree(checkpoints / "checkpoint-4", checkpoints / "checkpoint-6")
+    (cut / "tuneforge_checkpoint.json").unlink()
+    empty = shutil.copytree(checkpoints / "checkpoint-4", checkpoints / "checkpoint-8")
+    (empty / "adapter_model.safetensors").unlink()
+    from tuneforge.rundir import newest_complete_checkpoint, open_run
+
+    chosen, skipped = newest_complete_checkpoint(open_run(run))
+    assert chosen.name == "checkpoint-4"
+    assert skipped == ["checkpoint-8 (no the weights (adapter_model.safetensors or model.safetensors))",
+                       "checkpoint-6 (no completion marker (its save was cut short))"]
+    result = train(tiny_config, ["train.resume_from_checkpoint=auto"])
+    assert result.status == "completed" and "skipped incomplete checkpoints: checkpoint-8" in capsys.readouterr().out
+    (checkpoints / "checkpoint-4" / "optimizer.pt").unlink()
+    with pytest.raises(ConfigError, match=r"checkpoint-4 cannot be resumed from exactly \(no optimizer.pt\). "
+                                          r"hint: set train.resume_without_optimizer_state=true"):
+        train(tiny_config, [f"train.resume_from_checkpoint={checkpoints / 'checkpoint-4'}"])
+    assert json.loads((run / "run.json").read_text())["status"] == "completed"  # the refusal changed nothing
+    allowed = train(tiny_config, [f"train.resume_from_checkpoint={checkpoints / 'checkpoint-4'}",
+                                  "train.resume_without_optimizer_state=true"])
+    assert allowed.status == "completed"
+
+
+def test_resume_auto_without_any_checkpoint_says_so_instead_of_looping(tiny_config):
+    import shutil
+
+    run = train(tiny_config).run_dir
+    shutil.rmtree(run / "checkpoints")  # killed before its first save
+    with pytest.raises(ConfigError, match=r"has no complete checkpoint. hint: start again with output.overwrite=true"):
+        train(tiny_config, ["train.resume_from_checkpoint=auto"])
+
+
+def test_a_run_whose_loss_becomes_nan_stops_as_failed_and_keeps_its_last_good_checkpoint(tiny_config, monkeypatch):
+    from safetensors.torch import load_file
+
+    import tuneforge.train.trainer as trainer_module
+
+    tiny_config["train"].update(max_steps=8, save_steps=2, save_total_limit=10, logging_steps=1)
+    original = trainer_module.TuneForgeTrainer.compute_loss
+
+    def poisoned(self, model, inputs, *args, **kwargs):  # from step 4 on, the loss is NaN
+        loss = original(self, model, inputs, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step >= 3 else loss
+
+    monkeypatch.setattr(trainer_module.TuneForgeTrainer, "compute_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"NaN or infinite for 4 optimizer steps in a row \(up to step 7; "
+                                            r"train.non_finite_patience=3\).* the last good checkpoint is .*checkpoint-6"
+                                            r".*hint: lower train.learning_rate"):
+        train(tiny_config)
+    run = Path(tiny_config["output"]["run_dir"])
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["status"] == "failed" and "NaN" in meta["error"]
+    assert not (run / "adapter").exists()  # no result was saved
+    for checkpoint in (run / "checkpoints").iterdir():  # every kept checkpoint holds finite weights
+        assert all(t.isfinite().all() for t in load_file(str(checkpoint / "adapter_model.safetensors")).values())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
 
 
 def test_eval_split_is_evaluated(tiny_config):
