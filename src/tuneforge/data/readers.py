@@ -50,7 +50,22 @@ def read_file(path: Path) -> list[RawRow]:
               ".txt": _read_txt, ".arrow": _read_arrow}.get(path.suffix)
     if reader is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected one of {', '.join(DATA_SUFFIXES)}")
-    return list(reader(path))
+    try:
+        return list(reader(path))
+    except UnicodeDecodeError:
+        raw = path.read_bytes()
+        bad = _first_invalid_utf8(raw)
+        line = raw[:bad].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text (byte {raw[bad]:#04x} at line {line}). "
+                        "hint: save it as UTF-8 (e.g. iconv -f gbk -t utf-8 in.jsonl > out.jsonl)") from None
+
+
+def _first_invalid_utf8(raw: bytes) -> int:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start
+    return 0
 
 
 def first_row(path: Path) -> dict[str, Any]:

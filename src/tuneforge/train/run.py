@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import time
 import warnings
@@ -11,20 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerState, TrainingArguments
+from transformers.trainer_utils import TrainOutput
 
 from tuneforge.config import TuneForgeConfig, load_config
 from tuneforge.config.schema import BadamOptimizer
 from tuneforge.data.collate import KTOCollator, PackedCollator, PadCollator, PairCollator
 from tuneforge.data.template import stop_token_ids
+from tuneforge.errors import TrainingError
 from tuneforge.model.adapters import ADAPTED_BASE, count_params, moves_base_weights, quantizes_base, save_adapted_base
+from tuneforge.rundir import RunDir, finish_run, newest_complete_checkpoint, plan_run, start_run
 from tuneforge.train.callbacks import GracefulStop, MetricsCallback, NonFiniteGuard, stop_if_diverged
 from tuneforge.train.optimizers import low_rank_training_args
 from tuneforge.train.preference_trainer import DPOTrainer, KTOTrainer, RewardTrainer
 from tuneforge.train.prepare import Prepared, build_model, build_reference, prepare
 from tuneforge.train.report import format_data_report
-from tuneforge.rundir import RunDir, finish_run, plan_run, start_run
-from tuneforge.train.trainer import TuneForgeTrainer
+from tuneforge.train.trainer import DiskFull, TuneForgeTrainer
 
 
 @dataclass
@@ -97,7 +100,25 @@ def _save_start(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir) ->
 
 def _train(cfg: TuneForgeConfig, trainer, stop: GracefulStop, prepared: Prepared, run: RunDir,
            checkpoint: str | None) -> RunResult:
-    output = trainer.train(resume_from_checkpoint=checkpoint)
+    try:
+        if checkpoint and _training_was_done(trainer, checkpoint):
+            # transformers would run one more optimizer step: after a resume it checks for the end of training
+            # only after a step. A checkpoint taken at the last step holds the trained weights already.
+            trainer._load_from_checkpoint(checkpoint)
+            trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+            output = TrainOutput(trainer.state.global_step, 0.0, {})
+        else:
+            output = trainer.train(resume_from_checkpoint=checkpoint)
+    except DiskFull as full:
+        _fail(run, f"the disk filled up while saving {full.what}; that partial save was removed and the "
+                   f"earlier checkpoints are intact{_newest(run)}. hint: free some space (or set "
+                   "train.save_total_limit lower), then continue with train.resume_from_checkpoint=auto")
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        _fail(run, f"ran out of memory at step {trainer.state.global_step + 1} ({type(exc).__name__}). hint: lower "
+                   f"train.batch_size (now {cfg.train.batch_size}; raise train.gradient_accumulation_steps to keep the "
+                   f"effective batch), lower data.cutoff_len (now {cfg.data.cutoff_len}), set "
+                   "train.gradient_checkpointing=true, or use LoRA (QLoRA on a GPU); `tuneforge check CONFIG` "
+                   "estimates the peak before training")
     stop_if_diverged(trainer_guard(trainer), run, cfg)
     status = "interrupted" if stop.requested else "completed"
     metrics = dict(output.metrics)
@@ -110,6 +131,28 @@ def _train(cfg: TuneForgeConfig, trainer, stop: GracefulStop, prepared: Prepared
         print(f"tuneforge: interrupted at step {trainer.state.global_step}; continue with "
               f"`tuneforge train {run.path / 'config.yaml'} train.resume_from_checkpoint=auto`", flush=True)
     return RunResult(run.path, status, metrics)
+
+
+def _training_was_done(trainer, checkpoint: str) -> bool:
+    """Whether the checkpoint was taken at the last optimizer step this run is configured for."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    if trainer.args.max_steps > 0:
+        total = trainer.args.max_steps
+    else:  # as the Trainer counts: optimizer steps per epoch, times the epochs, rounded up
+        batches = len(trainer.get_train_dataloader())
+        per_epoch = math.ceil(batches / trainer.args.gradient_accumulation_steps)
+        total = math.ceil(trainer.args.num_train_epochs * per_epoch)
+    return state.get("global_step", 0) >= total
+
+
+def _newest(run: RunDir) -> str:
+    checkpoint, _ = newest_complete_checkpoint(run)
+    return f" (newest: {checkpoint})" if checkpoint else ""
+
+
+def _fail(run: RunDir, reason: str):
+    run.update_meta(status="failed", finished=time.strftime("%Y-%m-%d %H:%M:%S"), error=reason)
+    raise TrainingError(f"{run.path}: {reason}") from None
 
 
 def trainer_guard(trainer) -> NonFiniteGuard:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -16,6 +17,14 @@ except ImportError:  # pragma: no cover - older transformers
     rotate_checkpoints = None
 
 from tuneforge.rundir import mark_checkpoint_complete
+
+
+class DiskFull(Exception):
+    """The disk filled up while saving `what`."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
 
 from tuneforge.model.scoring import causal_lm_loss_sum, supervised_logits
 
@@ -78,6 +87,11 @@ class TuneForgeTrainer(Trainer):
         self.args.output_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)  # a cut save frees its space; older checkpoints stay intact
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"checkpoint-{self.state.global_step} in {final}") from exc
+            raise
         finally:
             self.args.output_dir = str(final)
         self.accelerator.wait_for_everyone()  # every process has written its part (e.g. its random state)

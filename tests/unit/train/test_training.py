@@ -329,3 +329,21 @@ def test_a_tracker_that_is_not_installed_is_reported_before_loading(tiny_config,
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ConfigError, match="train.report_to: wandb is not installed. hint: pip install wandb"):
         check(tiny_config, ["train.report_to=[wandb]"])
+
+
+def test_resuming_from_the_last_checkpoint_trains_no_extra_step(tiny_config):
+    """A run killed after its final checkpoint resumes to its saved weights, not to one step more."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    tiny_config["train"].update(max_steps=6, save_steps=2)  # 4 steps an epoch: the last checkpoint is mid-epoch
+    run = train(tiny_config).run_dir
+    final = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    shutil.rmtree(run / "adapter")  # as if killed between the last checkpoint and the final save
+    resumed = train(tiny_config, ["train.resume_from_checkpoint=auto"])
+    assert resumed.status == "completed"
+    assert json.loads((run / "run.json").read_text())["global_step"] == 6
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    again = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(again[k], final[k]) for k in final)
