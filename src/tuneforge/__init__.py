@@ -10,6 +10,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from tuneforge.model.patches import quiet_bitsandbytes_cpu_notice  # noqa: E402 (before anything imports PEFT)
+
+quiet_bitsandbytes_cpu_notice()
+
 __all__ = ["Engine", "check", "load_config", "train"]
 
 

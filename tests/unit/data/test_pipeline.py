@@ -154,3 +154,37 @@ def test_left_padding_ends_every_row_in_the_last_column():
 
     ids, mask = pad_left([[5, 6, 7], [8]], 0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_a_damaged_tokenized_cache_is_rebuilt_not_fatal(tokenizer, tmp_path):
+    first = load(tokenizer, data_cfg(), tmp_path)
+    (cached,) = (tmp_path / "cache" / "tokenized").glob("*.npz")
+    cached.write_bytes(cached.read_bytes()[:100])  # cut short, as by a full disk or a kill
+    again = load(tokenizer, data_cfg(), tmp_path)
+    assert not again.reports[0].from_cache and len(again.train) == len(first.train)
+    assert any("unreadable" in note and "tokenized again" in note for note in again.reports[0].notes)
+    assert load(tokenizer, data_cfg(), tmp_path).reports[0].from_cache  # and the rebuilt one is used next time
+
+
+def test_the_truncation_report_says_whether_answers_were_cut(tokenizer, tmp_path):
+    rows = [{"instruction": "question " * 50, "output": "answer " * 60}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "short.json").write_text(json.dumps([{"instruction": "question " * 50, "output": "answer " * 5}]))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"long": {"file_name": "d.json"},
+                                                            "short": {"file_name": "short.json"}}))
+    cut = load(tokenizer, data_cfg(dataset="long", dataset_dir=str(tmp_path), cutoff_len=48,
+                                   overlong="truncate_answer"), tmp_path)
+    assert "answers where needed, shortened to fit cutoff_len (data.overlong: truncate_answer)" in "\n".join(
+        cut.reports[0].lines())
+    kept = load(tokenizer, data_cfg(dataset="short", dataset_dir=str(tmp_path), cutoff_len=48), tmp_path)
+    assert "prompts shortened to fit cutoff_len (answers kept whole)" in "\n".join(kept.reports[0].lines())
+
+
+def test_files_outside_the_data_folder_are_read_with_a_warning_unless_strict(tokenizer, tmp_path):
+    (tmp_path / "outside.json").write_text(json.dumps([{"instruction": "q", "output": "a"}]))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"x": {"file_name": "../outside.json"}}))
+    bundle = load(tokenizer, data_cfg(dataset="x", dataset_dir=str(tmp_path / "data")), tmp_path)
+    assert any(n.startswith("warning:") and "outside the data folder" in n for n in bundle.reports[0].notes)
+    with pytest.raises(DataError, match="outside the data folder .* data.strict_paths is on"):
+        load(tokenizer, data_cfg(dataset="x", dataset_dir=str(tmp_path / "data"), strict_paths=True), tmp_path)

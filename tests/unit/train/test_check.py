@@ -59,3 +59,11 @@ def test_cli_check_prints_the_estimate(tiny_config, tmp_path, capsys):
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "memory estimate: ~" in out and "measured" not in out
+
+
+def test_settings_that_are_allowed_but_not_meant_are_warned_about(tiny_config):
+    from tuneforge.train.check import check
+
+    report = check(tiny_config, ["train.learning_rate=1e9", "data.cutoff_len=4096"]).report
+    assert "warning: train.learning_rate=1e+09 is far above what fine-tuning uses" in report
+    assert "warning: data.cutoff_len=4096 is longer than the model's context (512 tokens)" in report

@@ -124,3 +124,22 @@ def test_an_interrupted_ppo_run_resumes_exactly(tiny_model_dir, tmp_path, monkey
     adapter = lambda run: load_file(str(run.run_dir / "adapter" / "adapter_model.safetensors"))  # noqa: E731
     for name, tensor in adapter(whole).items():
         torch.testing.assert_close(adapter(resumed)[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_ppo_run_whose_loss_becomes_nan_stops_as_failed(tiny_model_dir, tmp_path, monkeypatch):
+    import tuneforge.train.ppo as ppo
+    from tuneforge.errors import TrainingError
+    from tuneforge.train.run import train
+
+    config = ppo_setup(tiny_model_dir, tmp_path)
+    cfg = load_config(config)
+    model = build_model(cfg, prepare(cfg).source)
+    reward = DirectionReward(prepare(cfg).tokenizer, model.get_input_embeddings().weight, 0)
+    monkeypatch.setattr(ppo.RewardModel, "from_run", lambda path: reward)
+    original = ppo.ppo_policy_loss
+    monkeypatch.setattr(ppo, "ppo_policy_loss", lambda *a, **k: original(*a, **k) * float("nan"))
+    # two optimizer steps (ppo_epochs) per PPO step: the fourth skipped one comes in PPO step 2
+    with pytest.raises(TrainingError, match=r"NaN or infinite for 4 optimizer steps in a row \(up to step 2"):
+        train(config)
+    meta = json.loads((tmp_path / "ppo" / "run.json").read_text())
+    assert meta["status"] == "failed" and not (tmp_path / "ppo" / "adapter").exists()
