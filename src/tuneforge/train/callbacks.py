@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from tuneforge.errors import TrainingError
+from tuneforge.rundir import newest_complete_checkpoint
 
 
 class MetricsCallback(TrainerCallback):
@@ -164,9 +165,8 @@ def stop_if_diverged(guard: NonFiniteGuard, run, cfg) -> None:
         return
     run.update_meta(status="failed", finished=time.strftime("%Y-%m-%d %H:%M:%S"), error=guard.failure,
                     global_step=guard.step)
-    kept = sorted((p for p in run.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                  key=lambda p: int(p.name.split("-")[-1]))
-    last = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written before"
+    newest, _ = newest_complete_checkpoint(run)
+    last = f"the last good checkpoint is {newest}" if newest else "no checkpoint was written before"
     raise TrainingError(f"{run.path}: {guard.failure}; the run stopped and saved nothing from that step on; {last}. "
                         f"hint: lower train.learning_rate (now {cfg.train.learning_rate:g}), keep "
                         f"train.max_grad_norm on (now {cfg.train.max_grad_norm:g}), or check the data for extreme rows")
