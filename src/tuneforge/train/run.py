@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import shutil
@@ -124,7 +125,14 @@ def _train(cfg: TuneForgeConfig, trainer, stop: GracefulStop, prepared: Prepared
     metrics = dict(output.metrics)
     if prepared.data.eval is not None and status == "completed":
         metrics.update(trainer.evaluate())
-    save_weights(trainer, prepared, run, cfg)
+    try:
+        save_weights(trainer, prepared, run, cfg)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _fail(run, f"the disk filled up while saving the trained weights to {run.weights}; the checkpoints are "
+                   f"intact{_newest(run)}. hint: free some space, then run the same command with "
+                   "train.resume_from_checkpoint=auto (it saves the weights without training again)")
     run.update_meta(status=status, finished=time.strftime("%Y-%m-%d %H:%M:%S"), metrics=metrics,
                     global_step=trainer.state.global_step)
     if status == "interrupted":

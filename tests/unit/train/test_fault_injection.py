@@ -172,3 +172,24 @@ def test_running_out_of_memory_names_the_switches_that_help(tiny_model_dir, tmp_
                                             r"train.gradient_checkpointing=true, or use LoRA .*tuneforge check CONFIG"):
         train(config(tiny_model_dir, tmp_path, "sft"))
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
+
+
+def test_a_full_disk_while_saving_the_final_weights_is_explained_and_resume_saves_them(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch):
+    import tuneforge.train.run as run_module
+
+    cfg = config(tiny_model_dir, tmp_path, "sft")
+    cfg["train"]["max_steps"] = 4
+    real = run_module.save_weights
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_module, "save_weights", full_disk)
+    with pytest.raises(TrainingError, match=r"the disk filled up while saving the trained weights .* the checkpoints "
+                                            r"are intact \(newest: .*checkpoint-4\)"):
+        train(cfg)
+    monkeypatch.setattr(run_module, "save_weights", real)
+    resumed = train(cfg, ["train.resume_from_checkpoint=auto"])
+    assert resumed.status == "completed" and (resumed.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((resumed.run_dir / "run.json").read_text())["global_step"] == 4
