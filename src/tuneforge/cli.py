@@ -1,4 +1,4 @@
-"""tuneforge train|check|chat|predict|eval|export|env: thin wrappers over the Python API. User errors print without a traceback."""
+"""tuneforge train|check|chat|predict|eval|export|webui|env: thin wrappers over the Python API. User errors print without a traceback."""
 
 from __future__ import annotations
 
@@ -117,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-type", default="q8_0", help="f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (hf format)")
     p.set_defaults(func=_export)
+    p = sub.add_parser("webui", help="the web UI: train, watch, evaluate, chat and export in a browser",
+                       description="A Gradio page over the same config and functions as the CLI. Everything it reads "
+                       "and writes stays inside --root (runs/, data/, configs/, exports/).")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=_count(1), default=7860)
+    p.add_argument("--auth", help="USER:PASS asked by the page (or the TUNEFORGE_WEBUI_AUTH environment variable)")
+    p.add_argument("--root", default=".", help="the folder the page works in (default: the working directory)")
+    p.set_defaults(func=_webui)
     p = sub.add_parser("env", help="versions, device and embedded models")
     p.set_defaults(func=_env)
     return parser
@@ -188,8 +196,9 @@ def _predict(args) -> int:
         raise ConfigError(f"--out {args.out} is a file; give a folder (predictions.jsonl and metrics.json go there)")
     settings = _generation_settings(args)
     is_run = (Path(args.target) / META).is_file()
-    spec, conversion = load_examples(args.data, DataConfig(dataset=[args.data], dataset_dir=args.dataset_dir),
-                                     args.max_samples)
+    placeholders = open_run(args.target).config().data.placeholders if is_run else {}  # read as in training
+    spec, conversion = load_examples(args.data, DataConfig(dataset=[args.data], dataset_dir=args.dataset_dir,
+                                                           placeholders=placeholders), args.max_samples)
     if is_run and open_run(args.target).meta().get("stage") == "rm":
         from tuneforge.evaluate.predict import predict_rewards
         from tuneforge.model.reward import RewardModel
@@ -222,6 +231,25 @@ def _export(args) -> int:
 
     path = export_run(args.run_dir, args.out, args.format, args.gguf_type, args.max_shard_size)
     print(f"tuneforge: exported {args.run_dir} to {path}")
+    return 0
+
+
+def _webui(args) -> int:
+    import os
+    from pathlib import Path
+
+    import importlib.util
+
+    from tuneforge.errors import ConfigError
+
+    if importlib.util.find_spec("gradio") is None:
+        raise ConfigError("the web UI needs Gradio. hint: pip install 'tuneforge[webui]'")
+    from tuneforge.webui.app import launch
+
+    if not Path(args.root).is_dir():
+        raise ConfigError(f"--root {args.root}: no such folder")
+    print(f"tuneforge: web UI for {Path(args.root).resolve()} at http://{args.host}:{args.port}", flush=True)
+    launch(args.root, args.host, args.port, args.auth or os.environ.get("TUNEFORGE_WEBUI_AUTH"))
     return 0
 
 

@@ -61,12 +61,12 @@ class RunDir:
         """The recorded status, except that a run recorded as running whose process is gone is `crashed`."""
         meta = self.meta()
         status = meta.get("status", "unknown")
-        if status == "running" and meta.get("host") == socket.gethostname() and not _alive(meta.get("pid")):
+        if status == "running" and meta.get("host") == socket.gethostname() and not process_alive(meta.get("pid")):
             return "crashed"
         return status
 
 
-def _alive(pid) -> bool:
+def process_alive(pid) -> bool:
     if not isinstance(pid, int):
         return False
     try:
