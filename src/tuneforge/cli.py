@@ -1,4 +1,4 @@
-"""tuneforge train|check|chat|predict|eval|export|webui|env: thin wrappers over the Python API. User errors print without a traceback."""
+"""tuneforge train|check|chat|predict|eval|export|webui|api|env: thin wrappers over the Python API. User errors print without a traceback."""
 
 from __future__ import annotations
 
@@ -125,6 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", help="USER:PASS asked by the page (or the TUNEFORGE_WEBUI_AUTH environment variable)")
     p.add_argument("--root", default=".", help="the folder the page works in (default: the working directory)")
     p.set_defaults(func=_webui)
+    p = sub.add_parser("api", help="serve a run or a model over an OpenAI-compatible API",
+                       description="OpenAI-compatible server: /v1/models, /v1/chat/completions (streaming, tools), "
+                       "/v1/completions, /v1/score (reward-model runs), /health. Requests are batched together.")
+    p.add_argument("target", help="run directory (e.g. runs/quickstart) or model name/path")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=_count(1), default=8000)
+    p.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY' (or set TUNEFORGE_API_KEY)")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="vllm needs a GPU and the vllm package")
+    p.add_argument("--max-batch", type=_count(1), default=8, help="requests decoded together (default: 8)")
+    p.add_argument("--max-queue", type=_count(0), default=64,
+                   help="requests allowed to wait beyond those being decoded; more get 503 (default: 64)")
+    p.add_argument("--model-name", help="the model id shown to clients (default: the run's folder name)")
+    p.add_argument("--template", default="auto", help="chat template when TARGET is a model (default: auto)")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (default: 4)")
+    p.set_defaults(func=_api)
     p = sub.add_parser("env", help="versions, device and embedded models")
     p.set_defaults(func=_env)
     return parser
@@ -250,6 +265,23 @@ def _webui(args) -> int:
         raise ConfigError(f"--root {args.root}: no such folder")
     print(f"tuneforge: web UI for {Path(args.root).resolve()} at http://{args.host}:{args.port}", flush=True)
     launch(args.root, args.host, args.port, args.auth or os.environ.get("TUNEFORGE_WEBUI_AUTH"))
+    return 0
+
+
+def _api(args) -> int:
+    import importlib.util
+    import os
+
+    from tuneforge.errors import ConfigError
+
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise ConfigError("the API server needs FastAPI and uvicorn. hint: pip install 'tuneforge[api]'")
+    if args.max_body_mb <= 0:
+        raise ConfigError(f"--max-body-mb {args.max_body_mb}: give a positive size in MiB")
+    from tuneforge.serve import serve
+
+    serve(args.target, args.host, args.port, args.api_key or os.environ.get("TUNEFORGE_API_KEY"), args.backend,
+          args.max_batch, args.max_queue, args.model_name, args.template, int(args.max_body_mb * 1024 * 1024))
     return 0
 
 

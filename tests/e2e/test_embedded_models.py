@@ -147,3 +147,65 @@ def test_reviews_pipeline_train_predict_eval(tmp_path):
     assert "reviews_zh_dev accuracy" in table and "alpaca_zh_demo answer_perplexity" in table
     report = json.loads((run / "eval.json").read_text())
     assert set(report["datasets"]["reviews_zh_dev"]) == {"base", "tuned"}
+
+
+@needs_smollm2
+def test_api_serves_the_quickstart_run_to_the_openai_client(smol_run):
+    """`tuneforge api` (the real command) on the SmolLM2 quickstart run: the official client gets the answers of
+    `Engine.chat`, streamed or not, and 8 concurrent streams get the sequential greedy answers."""
+    import threading
+    import time
+
+    import httpx
+    import openai
+
+    from tests.unit.serve.live import free_port
+    from tuneforge.infer.engine import Engine, GenerationSettings
+
+    run, _ = smol_run
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "api", str(run), "--port", str(port),
+                               "--api-key", "k", "--model-name", "quickstart"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert server.poll() is None and time.time() < deadline, server.stdout.read()
+            time.sleep(0.5)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["quickstart"]
+        prompts = ["Who are you?", "What can you do?", "Say hello in French.", "What is 3 + 4?",
+                   "Name a fruit.", "Who made you?", "Give me one tip for learning.", "What is the sky's colour?"]
+        engine = Engine.from_run(run)
+        expected = engine.chat([{"role": "user", "content": prompts[0]}], GenerationSettings(max_new_tokens=24))
+        reply = c.chat.completions.create(model="quickstart", messages=[{"role": "user", "content": prompts[0]}],
+                                          temperature=0, max_tokens=24)
+        assert reply.choices[0].message.content.strip() == expected
+        sequential = [c.chat.completions.create(model="quickstart", messages=[{"role": "user", "content": p}],
+                                                temperature=0, max_tokens=24).choices[0].message.content
+                      for p in prompts]
+        results = {}
+        barrier = threading.Barrier(len(prompts))
+
+        def stream(i):
+            barrier.wait()
+            chunks = c.chat.completions.create(model="quickstart", messages=[{"role": "user", "content": prompts[i]}],
+                                               temperature=0, max_tokens=24, stream=True)
+            results[i] = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert [results.get(i) for i in range(len(prompts))] == sequential
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bad", max_retries=0).models.list()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -16,6 +16,7 @@ from importlib import resources
 
 import yaml
 
+from tuneforge.data.tools import tools_into_system, uses_tools
 from tuneforge.errors import ConfigError, DataError
 
 
@@ -27,6 +28,8 @@ class ChatTemplate:
 
     def render(self, tokenizer, messages: list[dict], tools: list | None = None,
                add_generation_prompt: bool = False) -> str:
+        if tools and not uses_tools(self.jinja):  # the tool format's fallback: tools in the system message
+            messages, tools = tools_into_system(messages, tools), None
         return tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=self.jinja,
                                              add_generation_prompt=add_generation_prompt, tokenize=False)
 

@@ -20,6 +20,7 @@ from tuneforge.data.collate import pad_left, pad_right
 from tuneforge.data.convert import Example, with_system
 from tuneforge.data.encode import Unusable, encode_sft
 from tuneforge.data.template import ChatTemplate, resolve_template, stop_token_ids
+from tuneforge.data.tools import tools_into_system, uses_tools
 from tuneforge.errors import ModelError
 from tuneforge.model.adapters import ADAPTED_BASE
 from tuneforge.model.loader import load_model, load_tokenizer, resolve_dtype, resolve_model
@@ -117,10 +118,26 @@ class Engine:
     def with_system(self, messages: list[dict]) -> list[dict]:
         return with_system(messages, self.default_system)
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation followed by the template's generation prompt."""
-        return self.tokenizer.apply_chat_template(self.with_system(messages), add_generation_prompt=True,
+    def prompt_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        """Token ids of a conversation followed by the template's generation prompt; `tools` (function schemas) are
+        written in the tool format the run was trained with (see tuneforge.data.tools)."""
+        messages = self.with_system(messages)
+        if tools and not uses_tools(self.tokenizer.chat_template):
+            messages, tools = tools_into_system(messages, tools), None
+        return self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
                                                   return_dict=False)
+
+    @property
+    def context_length(self) -> int:
+        """Most tokens (prompt and answer) the model reads: its position limit."""
+        config = self.model.config
+        return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+
+    def batcher(self, max_batch: int = 8, max_queue: int = 64):
+        """Continuous batching over this engine's model (the API server's generation loop)."""
+        from tuneforge.infer.batching import Batcher
+
+        return Batcher(self.model, self.tokenizer.pad_token_id, max_batch=max_batch, max_queue=max_queue)
 
     def _inputs(self, messages: list[dict]) -> dict[str, torch.Tensor]:
         ids = torch.tensor([self.prompt_ids(messages)], device=self.model.device)

@@ -31,8 +31,32 @@ class VLLMEngine:
 
             self.lora = LoRARequest("run", 1, adapter_path)
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return self.hf.prompt_ids(messages)
+    def prompt_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        return self.hf.prompt_ids(messages, tools)
+
+    @property
+    def context_length(self) -> int:
+        return self.hf.context_length
+
+    def batcher(self, max_batch: int = 8, max_queue: int = 64):
+        """The API server's generation loop: waiting requests go to vLLM in groups (vLLM batches them itself)."""
+        from tuneforge.infer.batching import GroupBatcher
+
+        return GroupBatcher(self._run_group, max_batch=max_batch, max_queue=max_queue)
+
+    def _run_group(self, requests) -> list[tuple[list[int], str]]:
+        from vllm import SamplingParams
+
+        params = [SamplingParams(max_tokens=r.sampling.max_new_tokens, temperature=r.sampling.temperature,
+                                 top_p=r.sampling.top_p, top_k=r.sampling.top_k or -1,
+                                 repetition_penalty=r.sampling.repetition_penalty,
+                                 presence_penalty=r.sampling.presence_penalty,
+                                 frequency_penalty=r.sampling.frequency_penalty, seed=r.sampling.seed,
+                                 stop_token_ids=sorted(r.stop_ids)) for r in requests]
+        outputs = self.llm.generate([{"prompt_token_ids": r.prompt} for r in requests], params,
+                                    lora_request=self.lora, use_tqdm=False)
+        return [(list(o.outputs[0].token_ids), "length" if o.outputs[0].finish_reason == "length" else "stop")
+                for o in outputs]
 
     def _params(self, settings: GenerationSettings, **extra):
         from vllm import SamplingParams
