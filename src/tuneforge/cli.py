@@ -1,4 +1,4 @@
-"""tuneforge train|check|chat|predict|eval|export|webui|api|env: thin wrappers over the Python API. User errors print without a traceback."""
+"""tuneforge train|check|convert|chat|predict|eval|export|webui|api|env: thin wrappers over the Python API. User errors print without a traceback."""
 
 from __future__ import annotations
 
@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+ADAPTER_HELP = ("a LoRA adapter (run directory or adapter folder) merged onto the model TARGET; repeat for several, "
+                "applied in order")
+TARGET_HELP = ("run directory (e.g. runs/quickstart), model name/path, or a LLaMA-Factory inference YAML "
+               "(model_name_or_path, adapter_name_or_path, template)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tuneforge import __version__
     from tuneforge.config.help import schema_help
@@ -75,12 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--measure", type=_count(0), default=0, metavar="STEPS",
                            help="also train STEPS steps (plus a warm-up step) to time an epoch and measure peak memory")
         p.set_defaults(func=func)
+    p = sub.add_parser("convert", help="translate a LLaMA-Factory config into a TuneForge config",
+                       description="Print (or write with --out) the TuneForge config a flat LLaMA-Factory YAML "
+                       "becomes, with the LLaMA-Factory behaviour kept where defaults differ and the keys ignored. "
+                       "train and check read LLaMA-Factory configs directly; this shows what they run.")
+    p.add_argument("config", help="LLaMA-Factory YAML config")
+    p.add_argument("overrides", nargs="*", help="overrides, in LLaMA-Factory's spelling (lora_rank=16) or "
+                   "TuneForge's (method.adapter.rank=16)")
+    p.add_argument("--out", help="write the TuneForge YAML here instead of printing it")
+    p.set_defaults(func=_convert)
     p = sub.add_parser("chat", help="talk to a run directory or a model", description="Chat with a fine-tuned run "
                        "directory or any model TuneForge can load. Commands in the chat: /clear, /exit.")
-    p.add_argument("target", help="run directory (e.g. runs/quickstart) or model name/path")
+    p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--prompt", help="ask once, print the answer and exit")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--template", default="auto", help="chat template when TARGET is a model (default: auto)")
+    p.add_argument("--adapter", action="append", default=[], metavar="PATH", help=ADAPTER_HELP)
     p.add_argument("--max-new-tokens", type=_count(1), default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -90,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_chat)
     p = sub.add_parser("predict", help="run a model over a data set; write predictions.jsonl and metrics.json",
                        description="Label scoring (answers from a small label set) or free generation, batched.")
-    p.add_argument("target", help="run directory or model name/path")
+    p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--data", required=True, help="data set name in dataset_info.json, or a data file")
     p.add_argument("--dataset-dir", default="data", help="folder of dataset_info.json (default: data)")
     p.add_argument("--out", help="output folder (default: RUN_DIR/predict/NAME or predict/NAME)")
@@ -100,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_count(1), default=16)
     p.add_argument("--max-new-tokens", type=_count(1), default=64)
     p.add_argument("--template", default="auto", help="chat template when TARGET is a model")
+    p.add_argument("--adapter", action="append", default=[], metavar="PATH", help=ADAPTER_HELP)
     p.add_argument("--system", help="system prompt for every row (default: the run's)")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="vllm needs a GPU and the vllm package")
     p.set_defaults(func=_predict)
@@ -128,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("api", help="serve a run or a model over an OpenAI-compatible API",
                        description="OpenAI-compatible server: /v1/models, /v1/chat/completions (streaming, tools), "
                        "/v1/completions, /v1/score (reward-model runs), /health. Requests are batched together.")
-    p.add_argument("target", help="run directory (e.g. runs/quickstart) or model name/path")
+    p.add_argument("target", help=TARGET_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=_count(1), default=8000)
     p.add_argument("--api-key", help="clients must send 'Authorization: Bearer KEY' (or set TUNEFORGE_API_KEY)")
@@ -138,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests allowed to wait beyond those being decoded; more get 503 (default: 64)")
     p.add_argument("--model-name", help="the model id shown to clients (default: the run's folder name)")
     p.add_argument("--template", default="auto", help="chat template when TARGET is a model (default: auto)")
+    p.add_argument("--adapter", action="append", default=[], metavar="PATH", help=ADAPTER_HELP)
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB (default: 4)")
     p.set_defaults(func=_api)
     p = sub.add_parser("env", help="versions, device and embedded models")
@@ -167,7 +185,8 @@ def _chat(args) -> int:
     from tuneforge.infer.engine import Engine
 
     settings = _generation_settings(args)
-    engine = Engine.load(args.target, template=args.template, backend=args.backend)
+    target, template, adapters = _target(args)
+    engine = Engine.load(target, template=template, backend=args.backend, adapters=adapters)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         print(engine.chat(system + [{"role": "user", "content": args.prompt}], settings))
@@ -220,7 +239,8 @@ def _predict(args) -> int:
 
         result = predict_rewards(RewardModel.from_run(args.target), conversion.examples, args.batch_size)
     else:
-        engine = Engine.load(args.target, template=args.template, backend=args.backend)
+        target, template, adapters = _target(args)
+        engine = Engine.load(target, template=template, backend=args.backend, adapters=adapters)
         if args.system is not None:
             engine.default_system = args.system
         prompts, references = split_answers(conversion.examples, spec.name)
@@ -268,6 +288,56 @@ def _webui(args) -> int:
     return 0
 
 
+def _target(args) -> tuple[str, str, list[str]]:
+    """(model or run, template, adapters) from TARGET and the options; a LLaMA-Factory inference YAML brings its
+    own model_name_or_path, adapter_name_or_path and template."""
+    from pathlib import Path
+
+    from tuneforge.errors import ConfigError
+
+    target, template, adapters = args.target, args.template, list(args.adapter)
+    if Path(target).suffix in (".yaml", ".yml") and Path(target).is_file():
+        from tuneforge.config.llamafactory import is_llamafactory
+        from tuneforge.config.loader import read_yaml
+
+        raw = read_yaml(Path(target))
+        if not is_llamafactory(raw) or not raw.get("model_name_or_path"):
+            raise ConfigError(f"{target}: give a run directory (output.run_dir of a training config) or a model; "
+                              "a YAML here must be a LLaMA-Factory inference config with model_name_or_path")
+        listed = raw.get("adapter_name_or_path") or []
+        listed = [a.strip() for a in listed.split(",")] if isinstance(listed, str) else list(listed)
+        template = raw.get("template") or template
+        target, adapters = raw["model_name_or_path"], listed + adapters
+    return target, template, adapters
+
+
+def _convert(args) -> int:
+    from pathlib import Path
+
+    from tuneforge.config.llamafactory import apply_flat_overrides, describe, is_llamafactory, translate
+    from tuneforge.config.loader import apply_overrides, read_yaml, validate_config
+    from tuneforge.errors import ConfigError
+
+    raw = read_yaml(Path(args.config))
+    if not is_llamafactory(raw):
+        raise ConfigError(f"{args.config}: not a flat LLaMA-Factory config (it has TuneForge sections or none of "
+                          "model_name_or_path, stage, finetuning_type, dataset, ...); TuneForge reads it as it is")
+    raw, rest = apply_flat_overrides(raw, list(args.overrides))
+    translation = translate(raw, args.config)
+    translation.config = apply_overrides(translation.config, rest)
+    validate_config(translation.config, args.config, rest)  # what train would refuse is refused here too
+    text = describe(translation)
+    if args.out:
+        out = Path(args.out)
+        if out.exists():
+            raise ConfigError(f"--out {out}: already exists; give a new file name")
+        out.write_text(text, encoding="utf-8")
+        print(f"tuneforge: wrote {out}")
+    else:
+        print(text, end="")
+    return 0
+
+
 def _api(args) -> int:
     import importlib.util
     import os
@@ -280,8 +350,9 @@ def _api(args) -> int:
         raise ConfigError(f"--max-body-mb {args.max_body_mb}: give a positive size in MiB")
     from tuneforge.serve import serve
 
-    serve(args.target, args.host, args.port, args.api_key or os.environ.get("TUNEFORGE_API_KEY"), args.backend,
-          args.max_batch, args.max_queue, args.model_name, args.template, int(args.max_body_mb * 1024 * 1024))
+    target, template, adapters = _target(args)
+    serve(target, args.host, args.port, args.api_key or os.environ.get("TUNEFORGE_API_KEY"), args.backend,
+          args.max_batch, args.max_queue, args.model_name, template, int(args.max_body_mb * 1024 * 1024), adapters)
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tuneforge.config.llamafactory import apply_flat_overrides, is_llamafactory, translate
 from tuneforge.config.schema import TuneForgeConfig
 from tuneforge.errors import ConfigError
 
@@ -26,8 +27,23 @@ def load_config(source: str | Path | Mapping[str, Any] | TuneForgeConfig, overri
         raw, where = copy.deepcopy(dict(source)), "config"  # overrides must not change the caller's dict
     else:
         raw, where = read_yaml(Path(source)), str(source)
+    if is_llamafactory(raw):  # a LLaMA-Factory config: translated, its own spelling of overrides first
+        raw, overrides = apply_flat_overrides(raw, list(overrides))
+        translation = translate(raw, where)
+        announce(translation, where)
+        raw = translation.config
     raw = apply_overrides(raw, overrides)
     return validate_config(raw, where, overrides)
+
+
+def announce(translation, where: str) -> None:
+    """One line on what the translation kept from LLaMA-Factory, one on what it ignored (stderr)."""
+    kept = f", keeping its behaviour where TuneForge's defaults differ ({len(translation.notes)} places)" \
+        if translation.notes else ""
+    print(f"tuneforge: {where} is a LLaMA-Factory config: translated{kept}; `tuneforge convert {where}` shows the "
+          "result", file=sys.stderr)
+    if translation.ignored:
+        print(f"tuneforge: warning: {where}: ignored " + "; ".join(translation.ignored), file=sys.stderr)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

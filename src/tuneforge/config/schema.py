@@ -37,7 +37,7 @@ class MixtureOfDepths(Strict):
 
 
 class ModelConfig(Strict):
-    _split = field_validator("new_special_tokens", mode="before")(_split_names)
+    _split = field_validator("new_special_tokens", "adapters", mode="before")(_split_names)
 
     name_or_path: str = Field(
         description="What to fine-tune: an embedded model name (see `tuneforge env`), a local Hugging Face "
@@ -81,6 +81,11 @@ class ModelConfig(Strict):
     cache_dir: str | None = Field(
         None, description="Where converted GGUF models and tokenized data are cached (default ~/.cache/tuneforge)."
     )
+    adapters: list[str] = Field(
+        default_factory=list, description="LoRA adapters on top of the base model, in order: run directories "
+        "(their adapter/) or PEFT adapter folders. Training merges all but the last into the base and trains the "
+        "last one further (method.adapter.new_adapter: merges all, trains a new one); chat, predict and export "
+        "merge them all. LLaMA-Factory's adapter_name_or_path.")
 
 
 class DataConfig(Strict):
@@ -173,6 +178,9 @@ class LoraAdapter(Strict):
         "and olora move the base weights while training; the saved adapter is converted to apply to the original "
         "base (at twice the rank). loftq runs keep the quantized weights they trained on, next to the adapter."
     )
+    new_adapter: bool = Field(
+        False, description="With model.adapters: merge them all into the base and train a new adapter on top, "
+        "instead of training the last one further (LLaMA-Factory's create_new_adapter).")
     loftq_bits: Literal[4, 8] = Field(4, description="LoftQ: bits of the quantized base (nf4 or int8).")
     loftq_iter: int = Field(1, ge=1, description="LoftQ: alternating quantize / low-rank fit rounds.")
 
@@ -463,6 +471,21 @@ class TuneForgeConfig(Strict):
                                              ("sft", "pt")):
             raise ValueError("model.mixture_of_depths trains new routers with the layers: use method.adapter.type "
                              "full or freeze, in stage sft or pt")
+        if self.model.adapters:
+            if adapter.type != "lora":
+                raise ValueError("model.adapters are LoRA adapters: they continue with method.adapter.type lora "
+                                 f"(not {adapter.type}); merge them first with `tuneforge export` to train otherwise")
+            if not adapter.new_adapter and adapter.init != "default":
+                raise ValueError(f"method.adapter.init: {adapter.init} starts a new adapter, but the last of "
+                                 "model.adapters is trained further; set method.adapter.new_adapter: true")
+            if self.model.quantization_bit and (adapter.new_adapter or len(self.model.adapters) > 1):
+                raise ValueError("model.adapters cannot be merged into quantized weights: with "
+                                 "model.quantization_bit give one adapter to train further")
+            if self.method.stage == "rm" and not adapter.new_adapter:
+                raise ValueError("stage rm trains a new score head: set method.adapter.new_adapter: true to merge "
+                                 "model.adapters and train a new adapter with it")
+        elif getattr(adapter, "new_adapter", False):
+            raise ValueError("method.adapter.new_adapter applies with model.adapters; give the adapters to stack on")
         if self.model.quantization_bit and self.method.adapter.type != "lora":
             raise ValueError(f"model.quantization_bit: quantized weights cannot be trained with "
                              f"method.adapter.type {self.method.adapter.type}; use lora (QLoRA) or drop quantization_bit")

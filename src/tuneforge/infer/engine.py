@@ -51,11 +51,16 @@ class Engine:
         self.stop_ids = stop_token_ids(tokenizer, stop) or [tokenizer.eos_token_id]
 
     @classmethod
-    def load(cls, target: str, template: str = "auto", backend: str = "hf"):
-        """A run directory (it holds run.json), or a model name/path as `model.name_or_path` accepts it.
-        backend "vllm" serves the same model with vLLM (GPU machines) behind the same methods."""
+    def load(cls, target: str, template: str = "auto", backend: str = "hf", adapters: list[str] = ()):
+        """A run directory (it holds run.json), or a model name/path as `model.name_or_path` accepts it, with
+        `adapters` (run directories or adapter folders) merged on top. backend "vllm" serves the same model with
+        vLLM (GPU machines) behind the same methods."""
         is_run = (Path(target) / META).is_file()
-        engine = cls.from_run(target) if is_run else cls.from_model(ModelConfig(name_or_path=target, template=template))
+        if is_run and adapters:
+            raise ModelError(f"{target} is a run directory: it brings its own adapter; --adapter goes with a base "
+                             "model")
+        engine = cls.from_run(target) if is_run else cls.from_model(
+            ModelConfig(name_or_path=target, template=template, adapters=list(adapters)))
         if backend == "hf":
             return engine
         if backend != "vllm":
@@ -63,6 +68,9 @@ class Engine:
         from tuneforge.infer.vllm_backend import VLLMEngine
 
         run = open_run(target) if is_run else None
+        if adapters or (run and run.config().model.adapters):
+            raise ModelError(f"{target}: adapters stacked on the base are merged for vLLM only after export; run "
+                             "`tuneforge export` and serve the exported folder with --backend vllm")
         adapter = str(run.weights) if run and run.weights.name == "adapter" else None
         if adapter and (run.path / ADAPTED_BASE).is_file():
             raise ModelError(f"{target}: a LoftQ run, whose adapter applies to quantized base weights that vLLM "
@@ -76,8 +84,14 @@ class Engine:
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
         chat_template, _ = resolve_template(cfg.template, tokenizer)
         tokenizer.chat_template = chat_template.jinja
-        model = load_model(source, resolve_dtype(cfg.dtype), cfg.trust_remote_code).to(_device())
-        engine = cls(model, tokenizer, list(chat_template.stop), source.description)
+        model = load_model(source, resolve_dtype(cfg.dtype), cfg.trust_remote_code)
+        if cfg.adapters:  # base model + saved adapters, merged in order (LLaMA-Factory's adapter_name_or_path)
+            from tuneforge.model.stacking import adapter_folders, merge_adapters
+
+            model = merge_adapters(model, adapter_folders(cfg.adapters, cfg.name_or_path))
+        model = model.to(_device())
+        description = source.description + (f" + {len(cfg.adapters)} adapter(s)" if cfg.adapters else "")
+        engine = cls(model, tokenizer, list(chat_template.stop), description)
         engine.source_path = source.path
         return engine
 

@@ -125,13 +125,21 @@ def count_trainable(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None) -
 
 
 def make_trainable(cfg: TuneForgeConfig, model, tokenizer=None):
+    from tuneforge.model.stacking import adapter_folders, adapter_rank, continue_adapter, merge_adapters
+
     """Grow the vocabulary for model.new_special_tokens, apply the adapter, route Mixture-of-Depths layers."""
     new_ids = []
     if tokenizer is not None and cfg.model.new_special_tokens:
         fit_vocabulary(model, tokenizer, mean_init=model.device.type != "meta")  # meta: shapes only
         new_ids = new_token_ids(tokenizer, cfg.model.new_special_tokens)
-    model = apply_adapter(model, cfg.method.adapter, head="score" if cfg.method.stage == "rm" else None,
-                          new_token_ids=new_ids)
+    folders = adapter_folders(cfg.model.adapters, cfg.model.name_or_path)
+    if folders and not cfg.method.adapter.new_adapter:  # merge all but the last, which trains further
+        model = continue_adapter(merge_adapters(model, folders[:-1]), folders[-1])
+        print(f"tuneforge: training adapter {folders[-1]} further (rank {adapter_rank(folders[-1])}, as saved)"
+              + (f" on top of {len(folders) - 1} merged" if len(folders) > 1 else ""), flush=True)
+    else:
+        model = apply_adapter(merge_adapters(model, folders), cfg.method.adapter,
+                              head="score" if cfg.method.stage == "rm" else None, new_token_ids=new_ids)
     apply_routing(model, cfg.model.mixture_of_depths)
     return model
 

@@ -78,8 +78,13 @@ def test_invalid_combination_is_rejected():
     assert len(found) == 1 and "train_on_prompt and data.mask_history apply to sft only" in found[0]
 
 
-def test_llamafactory_flat_config_gets_a_hint():
+def test_a_flat_llamafactory_config_is_translated_and_what_it_lacks_is_named():
     found = problems({"model_name_or_path": "x", "stage": "sft", "finetuning_type": "lora"})
+    assert found == ["config: dataset: required: the data set names from dataset_info.json, e.g. dataset: identity"]
+
+
+def test_a_config_mixing_sections_and_flat_keys_gets_the_hint():
+    found = problems({**BASE, "lora_rank": 8})
     assert any("looks like a flat LLaMA-Factory config" in p for p in found)
 
 
