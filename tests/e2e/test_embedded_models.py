@@ -209,3 +209,35 @@ def test_api_serves_the_quickstart_run_to_the_openai_client(smol_run):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@needs_smollm2
+def test_llamafactory_configs_sft_then_dpo_on_one_adapter(tmp_path):
+    """LLaMA-Factory's own style of configs, only the model (and, for time, max_steps) overridden: LoRA SFT, then
+    DPO training the same adapter further (adapter_name_or_path), then chat through its inference YAML."""
+    import shutil
+
+    examples = REPO / "tests" / "assets" / "llamafactory_configs"
+    shutil.copytree(LLAMAFACTORY_DATA, tmp_path / "data")  # LLaMA-Factory's data/ folder, its default dataset_dir
+
+    def run(*args):
+        done = subprocess.run([sys.executable, "-m", "tuneforge.cli", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        return done
+
+    sft = run("train", str(examples / "llama3_lora_sft.yaml"), "model_name_or_path=smollm2-135m-instruct",
+              "max_steps=2")
+    assert "is a LLaMA-Factory config: translated" in sft.stderr
+    sft_dir = tmp_path / "saves" / "llama3-8b" / "lora" / "sft"
+    dpo = run("train", str(examples / "llama3_lora_dpo.yaml"), "model_name_or_path=smollm2-135m-instruct",
+              f"adapter_name_or_path={sft_dir}", "max_steps=2")
+    assert f"training adapter {sft_dir / 'adapter'} further" in dpo.stdout
+    dpo_dir = tmp_path / "saves" / "llama3-8b" / "lora" / "dpo"
+    sft_config = json.loads((sft_dir / "adapter" / "adapter_config.json").read_text())
+    assert json.loads((dpo_dir / "adapter" / "adapter_config.json").read_text())["r"] == sft_config["r"] == 8
+    (tmp_path / "infer.yaml").write_text(f"model_name_or_path: smollm2-135m-instruct\n"
+                                         f"adapter_name_or_path: {dpo_dir / 'adapter'}\n"
+                                         "template: llama3\ninfer_backend: huggingface\n")
+    answer = run("chat", "infer.yaml", "--prompt", "Who are you?", "--max-new-tokens", "12").stdout.strip()
+    assert answer

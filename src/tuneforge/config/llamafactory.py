@@ -86,6 +86,11 @@ def translate(raw: dict, where: str = "config") -> Translation:
         problems.append("model_name_or_path: required: a model folder, hub id or .gguf file")
     stage = raw.pop("stage", "sft")
     put("method.stage", stage)
+    if stage == "sft":
+        put("data.overlong", "split")
+        result.notes.append("data.overlong: split: an overlong conversation is cut turn by turn, prompt and answer "
+                            "sharing the budget as LLaMA-Factory's infer_seqlen does (TuneForge's default shortens "
+                            "prompts first and drops rows whose answers alone do not fit)")
     kind = raw.pop("finetuning_type", "lora")
     if kind not in FLAT_ADAPTERS:
         problems.append(f"finetuning_type: {kind!r} is not supported; use lora, freeze or full")

@@ -116,9 +116,18 @@ class DataConfig(Strict):
         False, description="sft: put the rows of a batch end to end in one sequence with no padding; each row "
         "attends only to itself and its positions restart (the same loss as unpacked rows, less wasted compute)."
     )
-    overlong: Literal["drop", "truncate_answer"] = Field(
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over", "interleave_once"] = Field(
+        "concat", description="Several data sets: concat (one after another; batches are shuffled anyway), or "
+        "interleave rows by interleave_probs until the first runs out (under), until all have run out, repeating "
+        "(over), or all once (once); as LLaMA-Factory, with Hugging Face datasets' interleave_datasets and train.seed.")
+    interleave_probs: list[float] | None = Field(
+        None, description="Sampling probability of each data set for the interleave strategies, in data.dataset "
+        "order (default: equal).")
+    overlong: Literal["drop", "truncate_answer", "split"] = Field(
         "drop",
-        description="Rows whose answers alone exceed cutoff_len: drop them (counted), or cut the answers.",
+        description="Rows whose answers alone exceed cutoff_len: drop them (counted), or cut the answers; split "
+        "(sft): LLaMA-Factory's truncation, each turn's prompt and answer tokens share what is left in proportion, "
+        "each keeping its beginning.",
     )
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="Malformed rows: stop with a report of all of them, or skip them (counted)."
@@ -127,8 +136,30 @@ class DataConfig(Strict):
         False, description="Refuse registered files outside data.dataset_dir (absolute paths, .., symlinks leading "
         "out); off: they are read with a warning. The web UI and the API turn it on.")
     overwrite_cache: bool = Field(False, description="Re-tokenize even if a cached copy exists.")
+    tokenized_path: str | None = Field(
+        None, description="Folder for the tokenized training data: saved there by the first run, loaded from there "
+        "by later runs (which then read no data set; delete the folder to tokenize again). As LLaMA-Factory.")
+    preprocessing_num_workers: int | None = Field(
+        None, ge=1, description="Processes that tokenize in parallel (chunks of at least 64 rows; pre-training and "
+        "KTO data are tokenized in one pass, as their blocks and KL pairs span rows). Default: one.")
 
     _split = field_validator("dataset", "eval_dataset", mode="before")(_split_names)
+
+    @field_validator("interleave_probs", mode="before")
+    @classmethod
+    def _probs(cls, v):
+        return [float(x) for x in v.split(",")] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _mixing(self) -> "DataConfig":
+        if self.interleave_probs is not None:
+            if self.mix_strategy == "concat":
+                raise ValueError("data.interleave_probs applies to the interleave strategies; set data.mix_strategy")
+            if len(self.interleave_probs) != len(self.dataset) or any(p < 0 for p in self.interleave_probs) or \
+                    abs(sum(self.interleave_probs) - 1) > 1e-6:
+                raise ValueError(f"data.interleave_probs: {len(self.dataset)} non-negative numbers adding up to 1 "
+                                 f"(one per data set), got {self.interleave_probs}")
+        return self
 
     @field_validator("dataset")
     @classmethod
@@ -450,6 +481,8 @@ class TuneForgeConfig(Strict):
     def _combinations(self) -> "TuneForgeConfig":
         if self.method.stage != "sft" and (self.data.train_on_prompt or self.data.mask_history):
             raise ValueError("data.train_on_prompt and data.mask_history apply to sft only; remove them")
+        if self.data.overlong == "split" and self.method.stage != "sft":
+            raise ValueError("data.overlong: split applies to stage sft; use drop or truncate_answer")
         if self.data.packing and self.method.stage != "sft":
             raise ValueError("data.packing applies to stage sft (pt already joins documents into blocks; the "
                              "preference stages pair rows); remove it")

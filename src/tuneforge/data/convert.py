@@ -14,6 +14,7 @@ from typing import Any
 
 from tuneforge.data.readers import RawRow
 from tuneforge.data.registry import DatasetSpec
+from tuneforge.data.tools import format_tool_calls
 from tuneforge.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -51,7 +52,7 @@ def convert_rows(spec: DatasetSpec, rows: list[RawRow], placeholders: dict[str, 
                  default_system: str | None = None) -> Conversion:
     _check_columns_exist(spec, rows)
     out = Conversion()
-    convert = _convert_sharegpt if spec.formatting == "sharegpt" else _convert_alpaca
+    convert = _convert_sharegpt if spec.is_chat else _convert_alpaca
     for row in rows:
         if not isinstance(row.data, dict):
             out.bad_rows.append(f"{row.where}: expected an object with named columns, got {row.data!r:.60}")
@@ -86,7 +87,7 @@ def _check_columns_exist(spec: DatasetSpec, rows: list[RawRow]) -> None:
         return
     keys = set().union(*(r.data.keys() for r in rows[:200] if isinstance(r.data, dict)))
     c = spec.columns
-    needed = [("messages", c.messages)] if spec.formatting == "sharegpt" else [("prompt", c.prompt)]
+    needed = [("messages", c.messages)] if spec.is_chat else [("prompt", c.prompt)]
     needed += [(n, getattr(c, n)) for n in ("chosen", "rejected", "kto_tag") if getattr(c, n)]
     if spec.formatting == "alpaca" and not spec.ranking and not spec.is_text_only and c.response:
         needed.append(("response", c.response))
@@ -156,6 +157,8 @@ def _convert_sharegpt(spec: DatasetSpec, row: RawRow) -> Example:
     messages = []
     system = _text(d.get(c.system), c.system) if c.system else ""
     for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and spec.formatting == "openai" and turn.get("tool_calls"):
+            turn = {**turn, t.content_tag: _openai_calls(turn["tool_calls"], f"{c.messages}[{i}].tool_calls")}
         if not isinstance(turn, dict) or t.role_tag not in turn or t.content_tag not in turn:
             raise _Bad(f"{c.messages}[{i}] should be an object with {t.role_tag!r} and {t.content_tag!r}, "
                        f"got {turn!r:.80}. hint: set tags.role_tag/content_tag in dataset_info.json")
@@ -183,6 +186,25 @@ def _convert_sharegpt(spec: DatasetSpec, row: RawRow) -> Example:
     if c.kto_tag:
         example.kto_tag = _kto(d.get(c.kto_tag), c.kto_tag)
     return example
+
+
+def _openai_calls(calls: Any, where: str) -> str:
+    """An OpenAI assistant message's tool_calls as the answer text of the tool format."""
+    if not isinstance(calls, list):
+        raise _Bad(f"{where} should be a list of calls")
+    parsed = []
+    for k, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _Bad(f"{where}[{k}] should be {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise _Bad(f"{where}[{k}].function.arguments is not JSON") from None
+        parsed.append({"name": function["name"], "arguments": arguments})
+    return format_tool_calls(parsed)
 
 
 def _role_hint(raw_role: Any, t) -> str:

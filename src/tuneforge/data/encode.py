@@ -7,7 +7,8 @@ Truncation policy (cutoff_len): the template's own tokens and the answers are ne
 contents (system, user, tool) are shortened first, longest first (water-filling: the longest shrink to a
 common length until the conversation fits), keeping their beginning. If the answers alone do not fit,
 the row is dropped (`overlong: drop`, counted), or with `overlong: truncate_answer` answers are shortened
-the same way, together with the prompts.
+the same way, together with the prompts. `overlong: split` cuts the tokens as LLaMA-Factory does (see
+`_split_turns`).
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def encode_pair(example: Example, tokenizer, template: ChatTemplate, cutoff_len:
 def _fit(messages, tools, tokenizer, template, cutoff_len, train_on_prompt, mask_history, overlong):
     """Tokenize, shortening contents by the truncation policy until the sequence fits cutoff_len.
     Returns the (possibly shortened) messages and their encoding."""
+    if overlong == "split":
+        return messages, _split_turns(template, tokenizer, messages, tools, cutoff_len, train_on_prompt, mask_history)
     messages = [dict(m) for m in messages]
     ids, labels = _tokenize(template, tokenizer, messages, tools, train_on_prompt, mask_history)
     if len(ids) <= cutoff_len:
@@ -93,6 +96,58 @@ def _fit(messages, tools, tokenizer, template, cutoff_len, train_on_prompt, mask
     if len(ids) <= cutoff_len:
         return messages, Encoded(ids, labels, truncated=True)
     raise Overlong("answers longer than cutoff_len" if overlong == "drop" else "template alone exceeds cutoff_len")
+
+
+def infer_seqlen(source_len: int, target_len: int, budget: int) -> tuple[int, int]:
+    """LLaMA-Factory's split of a token budget between a prompt and its answer (its `infer_seqlen`): a short answer
+    keeps all of its tokens, else a short prompt does, else both get a share proportional to their lengths."""
+    if 2 * target_len < budget:
+        target_cap = budget
+    elif 2 * source_len < budget:
+        target_cap = budget - source_len
+    else:
+        target_cap = int(budget * (target_len / (source_len + target_len)))
+    new_target = min(target_cap, target_len)
+    return min(max(budget - new_target, 0), source_len), new_target
+
+
+def _split_turns(template, tokenizer, messages, tools, cutoff_len, train_on_prompt, mask_history) -> Encoded:
+    """`overlong: split` (LLaMA-Factory's truncation): the rendered tokens are cut turn by turn, each turn's prompt
+    part (everything since the previous answer, template tokens included) and answer part sharing what is left of
+    cutoff_len by `infer_seqlen`, each keeping its beginning; turns after the budget runs out are left out (with
+    mask_history the last turns are served first)."""
+    text, spans = render_with_spans(template, tokenizer, messages, tools)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if len(ids) <= cutoff_len:
+        return Encoded(*_tokenize(template, tokenizer, messages, tools, train_on_prompt, mask_history))
+    bounds, k = [], 0  # token range of each answer
+    for start, end in spans:
+        first = next(j for j in range(k, len(ids)) if offsets[j][0] >= start or offsets[j][1] > start)
+        last = next((j for j in range(first, len(ids)) if offsets[j][0] >= end), len(ids))
+        bounds.append((first, last))
+        k = last
+    bounds[-1] = (bounds[-1][0], len(ids))  # whatever follows the last answer goes with it
+    turns = [(ids[(bounds[i - 1][1] if i else 0): a], ids[a: b]) for i, (a, b) in enumerate(bounds)]
+    kept, total = {}, 0
+    for i in (reversed(range(len(turns))) if mask_history else range(len(turns))):
+        if total >= cutoff_len:
+            break
+        source, target = turns[i]
+        n_source, n_target = infer_seqlen(len(source), len(target), cutoff_len - total)
+        kept[i] = (source[:n_source], target[:n_target])
+        total += n_source + n_target
+    out_ids, labels = [], []
+    last_kept = max(kept)
+    for i in sorted(kept):
+        source, target = kept[i]
+        supervised = train_on_prompt or not mask_history or i == last_kept
+        out_ids += source + target
+        labels += (source if train_on_prompt else [IGNORE] * len(source)) + (target if supervised else
+                                                                               [IGNORE] * len(target))
+    if all(label == IGNORE for label in labels):
+        raise Overlong("no answer tokens left within cutoff_len")
+    return Encoded(out_ids, labels, truncated=True)
 
 
 def _tokenize(template, tokenizer, messages, tools, train_on_prompt, mask_history):

@@ -69,7 +69,39 @@ class DataBundle:
 
 def load_data(cfg: DataConfig, stage: str, tokenizer, template: ChatTemplate, cache_dir: Path,
               seed: int = 42, hub: str = "huggingface") -> DataBundle:
-    """Read, convert, check and tokenize every configured data set; split off the evaluation part."""
+    """Read, convert, check and tokenize every configured data set; split off the evaluation part.
+    data.tokenized_path: the result is saved there, and a later run with the same path loads it instead."""
+    saved = Path(cfg.tokenized_path) if cfg.tokenized_path else None
+    if saved is not None and (saved / "train.npz").is_file():
+        return _load_tokenized(saved, stage, tokenizer)
+    bundle = _load_data(cfg, stage, tokenizer, template, cache_dir, seed, hub)
+    if saved is not None:
+        meta = {"stage": stage, "tokenizer": tokenizer_fingerprint(tokenizer), "datasets": list(cfg.dataset),
+                "reports": [r.lines() for r in bundle.reports]}
+        if bundle.eval is not None:
+            save_npz(saved / "eval.npz", bundle.eval, meta)
+        save_npz(saved / "train.npz", bundle.train, meta)  # last: its presence means the folder is complete
+    return bundle
+
+
+def _load_tokenized(saved: Path, stage: str, tokenizer) -> DataBundle:
+    train, meta = load_npz(saved / "train.npz")
+    if meta.get("stage") != stage:
+        raise DataError(f"data.tokenized_path {saved}: holds data tokenized for stage {meta.get('stage')}, not "
+                        f"{stage}; give another folder (or delete this one to tokenize again)")
+    if meta.get("tokenizer") != tokenizer_fingerprint(tokenizer):
+        raise DataError(f"data.tokenized_path {saved}: was tokenized with another tokenizer; give another folder "
+                        "(or delete this one to tokenize again)")
+    evaluation = load_npz(saved / "eval.npz")[0] if (saved / "eval.npz").is_file() else None
+    report = DatasetReport(f"tokenized data in {saved} ({', '.join(meta.get('datasets', []))})",
+                           rows_read=len(train), rows_used=len(train), from_cache=True)
+    report.notes.append("loaded as saved by an earlier run (data.tokenized_path); the data sets were not read again")
+    report.stats = train.stats()
+    return DataBundle(train, evaluation, [report])
+
+
+def _load_data(cfg: DataConfig, stage: str, tokenizer, template: ChatTemplate, cache_dir: Path, seed: int,
+               hub: str) -> DataBundle:
     conversions = [_load_converted(name, cfg, stage, seed, hub) for name in cfg.dataset]
     eval_conversions = [_load_converted(name, cfg, stage, seed, hub) for name in cfg.eval_dataset]
     _raise_bad_rows(cfg, conversions + eval_conversions)
@@ -85,7 +117,7 @@ def load_data(cfg: DataConfig, stage: str, tokenizer, template: ChatTemplate, ca
         report.stats = data.stats()
         reports.append(report)
         parts.append(data)
-    train = _concat(parts[: len(conversions)])
+    train = _mix(parts[: len(conversions)], cfg, seed)
     evaluation = _concat(parts[len(conversions):]) if eval_conversions else None
     if evaluation is None and cfg.val_size > 0:
         train, evaluation = _split(train, cfg.val_size, seed)
@@ -199,9 +231,43 @@ def _load_cache(path: Path, report: DatasetReport):
 
 
 def _tokenize(conversion: Conversion, stage: str, tokenizer, template: ChatTemplate, cfg: DataConfig):
-    data, dropped, truncated = STAGE_TOKENIZERS[stage](conversion.examples, tokenizer, template, cfg)
+    workers = min(cfg.preprocessing_num_workers or 1, max(1, len(conversion.examples) // 64))
+    if workers > 1 and stage not in ("pt", "kto"):  # rows encoded independently: chunks in order, same result
+        data, dropped, truncated = _tokenize_in_workers(conversion.examples, stage, tokenizer, template, cfg, workers)
+    else:  # pre-training joins documents into blocks across rows, KTO pairs rows for its KL term: one pass
+        data, dropped, truncated = STAGE_TOKENIZERS[stage](conversion.examples, tokenizer, template, cfg)
     rows_used = len(conversion.examples) - sum(dropped.values())
     return data, {"dropped": dict(dropped), "truncated": truncated, "rows_used": rows_used}
+
+
+_WORK: tuple = ()  # what forked workers tokenize (inherited, never pickled)
+
+
+def _tokenize_chunk(bounds: tuple[int, int]):
+    examples, stage, tokenizer, template, cfg = _WORK
+    return STAGE_TOKENIZERS[stage](examples[bounds[0]: bounds[1]], tokenizer, template, cfg)
+
+
+def _tokenize_in_workers(examples, stage, tokenizer, template, cfg, workers: int):
+    """data.preprocessing_num_workers processes (forked), each encoding a contiguous chunk; joined in order."""
+    import multiprocessing
+    import os
+
+    global _WORK
+    size = -(-len(examples) // workers)
+    chunks = [(start, min(start + size, len(examples))) for start in range(0, len(examples), size)]
+    _WORK = (examples, stage, tokenizer, template, cfg)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker process
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_tokenize_chunk, chunks)
+    finally:
+        _WORK = ()
+    data, dropped, truncated = TokenizedData({}), Counter(), 0
+    for part, part_dropped, part_truncated in results:
+        data, truncated = data + part, truncated + part_truncated
+        dropped.update(part_dropped)
+    return data, dropped, truncated
 
 
 def _cache_key(conversion: Conversion, stage, tokenizer, template: ChatTemplate, cfg: DataConfig) -> str:
@@ -226,6 +292,29 @@ def tokenizer_fingerprint(tokenizer) -> str:
     fingerprint = hashlib.sha256(body.encode()).hexdigest()[:16]
     tokenizer._tuneforge_fingerprint = fingerprint
     return fingerprint
+
+
+STOPPING = {"interleave_under": "first_exhausted", "interleave_over": "all_exhausted",
+            "interleave_once": "all_exhausted_without_replacement"}
+
+
+def _mix(parts: list[TokenizedData], cfg: DataConfig, seed: int) -> TokenizedData:
+    """The training rows of several data sets: one after another, or interleaved as LLaMA-Factory does it (Hugging
+    Face datasets' interleave_datasets with the same probabilities, seed and stopping strategy), on row indices."""
+    whole = _concat(parts)
+    if cfg.mix_strategy == "concat" or len(parts) < 2:
+        return whole
+    from datasets import Dataset, interleave_datasets
+
+    sets, start = [], 0
+    for part in parts:
+        sets.append(Dataset.from_dict({"i": list(range(start, start + len(part)))}))
+        start += len(part)
+    if any(len(s) == 0 for s in sets):
+        raise DataError(f"data.mix_strategy {cfg.mix_strategy}: a data set has no rows left to interleave")
+    mixed = interleave_datasets(sets, probabilities=cfg.interleave_probs, seed=seed,
+                                stopping_strategy=STOPPING[cfg.mix_strategy])
+    return whole.subset(mixed["i"])
 
 
 def _concat(parts: list[TokenizedData]) -> TokenizedData:

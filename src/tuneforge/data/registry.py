@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tuneforge.errors import DataError
 
@@ -60,7 +60,7 @@ class DatasetSpec(BaseModel):
     om_hub_url: str | None = None
     script_url: str | None = None
     cloud_file_name: str | None = None
-    formatting: Literal["alpaca", "sharegpt"] = "alpaca"
+    formatting: Literal["alpaca", "sharegpt", "openai"] = "alpaca"
     ranking: bool = False
     subset: str | None = None
     split: str = "train"
@@ -68,6 +68,21 @@ class DatasetSpec(BaseModel):
     num_samples: int | None = Field(None, ge=1)
     columns: Columns = Field(default_factory=Columns)
     tags: Tags = Field(default_factory=Tags)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_defaults(cls, entry):
+        """`formatting: openai` is sharegpt with OpenAI's message keys: a `messages` column of {role, content}
+        (assistant `tool_calls`, `tool` results), unless the entry maps them otherwise."""
+        if isinstance(entry, dict) and entry.get("formatting") == "openai":
+            entry = dict(entry)
+            entry["columns"] = {"messages": "messages", **(entry.get("columns") or {})}
+            entry["tags"] = {**OPENAI_TAGS, **(entry.get("tags") or {})}
+        return entry
+
+    @property
+    def is_chat(self) -> bool:
+        return self.formatting in ("sharegpt", "openai")
 
     @property
     def path(self) -> Path | None:

@@ -86,3 +86,30 @@ def test_wrong_types_are_bad_rows():
     assert conversion.bad_rows == [
         "data/chat.json row 1: instruction should be text, got list ['q']",
         "data/chat.json row 2: expected an object with named columns, got ['not', 'a', 'row']"]
+
+
+def test_openai_formatting_reads_messages_tool_calls_and_tool_results():
+    """`"formatting": "openai"` (LLaMA-Factory's name): OpenAI messages; an assistant's tool_calls become the answer
+    in the tool format, exactly what the same conversation in glaive_toolcall's sharegpt layout gives."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+    openai_row = {"messages": [{"role": "system", "content": "Be brief."},
+                               {"role": "user", "content": "Weather in Paris?"},
+                               {"role": "assistant", "content": None, "tool_calls": [call]},
+                               {"role": "tool", "content": "{\"temperature\": 22}"},
+                               {"role": "assistant", "content": "It is 22 degrees."}],
+                  "tools": "[{\"name\": \"get_weather\"}]"}
+    spec = DatasetSpec.model_validate({"name": "o", "formatting": "openai", "columns": {"tools": "tools"}})
+    assert spec.columns.messages == "messages" and spec.tags.role_tag == "role"
+    got = convert_rows(spec, rows(openai_row)).examples[0]
+    sharegpt = DatasetSpec.model_validate({"name": "g", "formatting": "sharegpt",
+                                           "columns": {"messages": "conversations", "system": "system", "tools": "tools"}})
+    glaive = convert_rows(sharegpt, rows({
+        "conversations": [{"from": "human", "value": "Weather in Paris?"},
+                          {"from": "function_call", "value": "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}"},
+                          {"from": "observation", "value": "{\"temperature\": 22}"},
+                          {"from": "gpt", "value": "It is 22 degrees."}],
+        "system": "Be brief.", "tools": "[{\"name\": \"get_weather\"}]"})).examples[0]
+    assert got.messages == glaive.messages and got.tools == glaive.tools
+    bad = dict(openai_row, messages=openai_row["messages"][:2] + [{"role": "assistant", "tool_calls": [{"function": {}}]}])
+    problems = convert_rows(spec, rows(bad)).bad_rows
+    assert len(problems) == 1 and "data/chat.json row 1: messages[2].tool_calls[0] should be" in problems[0]

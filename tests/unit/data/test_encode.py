@@ -2,7 +2,7 @@ import pytest
 
 from tuneforge.data.convert import Example
 from tuneforge.data.encode import IGNORE, Overlong, _water_level, encode_pretrain, encode_sft
-from tuneforge.data.template import resolve_template
+from tuneforge.data.template import ChatTemplate, resolve_template
 
 
 def example(*turns, system=None):
@@ -129,3 +129,33 @@ def test_only_rows_that_are_too_long_get_the_cutoff_hint(tokenizer):
     answered = Example("row 2", example("q", "a").messages, chosen="yes", rejected="no")
     _, dropped, _ = tokenize_pairs([answered], tokenizer, template, cfg)
     assert dropped == {"a preference row needs a prompt that ends with a user turn": 1}
+
+
+def test_split_truncation_follows_llamafactorys_infer_seqlen(tokenizer):
+    """overlong: split. infer_seqlen against the values LLaMA-Factory 0.9.5's own `infer_seqlen` printed for
+    budgets 2048 and 256, then a long two-turn conversation: each turn's prompt and answer tokens are cut by that
+    rule from what is left."""
+    from tuneforge.data.encode import infer_seqlen
+
+    reference = {(3000, 500): [(1548, 500), (220, 36)], (500, 3000): [(500, 1548), (37, 219)],
+                 (1500, 1500): [(1024, 1024), (128, 128)], (1500, 1100): [(1182, 866), (148, 108)],
+                 (100, 200): [(100, 200), (100, 156)], (4000, 4000): [(1024, 1024), (128, 128)],
+                 (250, 20): [(250, 20), (236, 20)], (10, 400): [(10, 400), (10, 246)],
+                 (301, 255): [(301, 255), (139, 117)]}
+    for (s, t), expected in reference.items():
+        assert [infer_seqlen(s, t, 2048), infer_seqlen(s, t, 256)] == expected
+    template = ChatTemplate("own", tokenizer.chat_template)
+    long_q, long_a = "word " * 300, "answer " * 200
+    messages = [{"role": "user", "content": long_q}, {"role": "assistant", "content": long_a},
+                {"role": "user", "content": "short"}, {"role": "assistant", "content": "ok"}]
+    full = encode_sft(Example("r", messages), tokenizer, template, 10_000)
+    cut = encode_sft(Example("r", messages), tokenizer, template, 256, overlong="split")
+    assert cut.truncated and len(cut.input_ids) <= 256
+    # by hand: the first turn's prompt (up to the first answer) and answer, split by the rule over 256 tokens
+    first_answer = full.labels.index(next(x for x in full.labels if x != -100))
+    answer_end = next(j for j in range(first_answer, len(full.labels)) if full.labels[j] == -100)
+    n_source, n_target = infer_seqlen(first_answer, answer_end - first_answer, 256)
+    assert cut.input_ids[:n_source] == full.input_ids[:n_source]
+    assert cut.input_ids[n_source: n_source + n_target] == full.input_ids[first_answer: first_answer + n_target]
+    assert cut.labels[:n_source] == [-100] * n_source and -100 not in cut.labels[n_source: n_source + n_target]
+    assert len(cut.input_ids) == n_source + n_target == 256  # nothing left for the second turn

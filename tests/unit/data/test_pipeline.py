@@ -188,3 +188,54 @@ def test_files_outside_the_data_folder_are_read_with_a_warning_unless_strict(tok
     assert any(n.startswith("warning:") and "outside the data folder" in n for n in bundle.reports[0].notes)
     with pytest.raises(DataError, match="outside the data folder .* data.strict_paths is on"):
         load(tokenizer, data_cfg(dataset="x", dataset_dir=str(tmp_path / "data"), strict_paths=True), tmp_path)
+
+
+@pytest.mark.parametrize("strategy,stopping", [("interleave_under", "first_exhausted"),
+                                               ("interleave_over", "all_exhausted"),
+                                               ("interleave_once", "all_exhausted_without_replacement")])
+def test_interleaving_follows_hugging_face_datasets_as_llamafactory_does(tokenizer, tmp_path, strategy, stopping):
+    """LLaMA-Factory mixes with datasets.interleave_datasets(probabilities, seed, stopping_strategy) on its rows;
+    the rows TuneForge trains on come in the order that call gives for the same rows."""
+    from datasets import Dataset, interleave_datasets
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    sets = {"a": [f"a{i}" for i in range(12)], "b": [f"b{i}" for i in range(5)]}
+    for name, answers in sets.items():
+        (folder / f"{name}.json").write_text(json.dumps([{"instruction": "q", "output": x} for x in answers]))
+    (folder / "dataset_info.json").write_text(json.dumps({n: {"file_name": f"{n}.json"} for n in sets}))
+    cfg = DataConfig(dataset=["a", "b"], dataset_dir=str(folder), mix_strategy=strategy, interleave_probs=[0.7, 0.3])
+    bundle = load(tokenizer, cfg, tmp_path)
+    got = [tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100],
+                            skip_special_tokens=True).strip() for row in (bundle.train[i] for i in range(len(bundle.train)))]
+    reference = interleave_datasets([Dataset.from_dict({"answer": v}) for v in sets.values()],
+                                    probabilities=[0.7, 0.3], seed=42, stopping_strategy=stopping)["answer"]
+    assert got == reference and len(set(got)) > 5
+    with pytest.raises(Exception, match="interleave_probs: 2 non-negative numbers adding up to 1"):
+        DataConfig(dataset=["a", "b"], mix_strategy=strategy, interleave_probs=[0.7, 0.7])
+
+
+@pytest.mark.parametrize("stage,name", [("sft", "alpaca_en_demo"), ("dpo", "dpo_en_demo")])
+def test_parallel_tokenization_gives_the_same_rows(tokenizer, tmp_path, stage, name):
+    from tests.conftest import LLAMAFACTORY_DATA
+
+    one = load(tokenizer, DataConfig(dataset=name, dataset_dir=str(LLAMAFACTORY_DATA), max_samples=300), tmp_path / "1",
+               stage)
+    two = load(tokenizer, DataConfig(dataset=name, dataset_dir=str(LLAMAFACTORY_DATA), max_samples=300,
+                                     preprocessing_num_workers=2), tmp_path / "2", stage)
+    assert one.train.columns.keys() == two.train.columns.keys() and len(one.train) == len(two.train) > 100
+    assert all(np.array_equal(a, b) for k in one.train.columns for a, b in zip(one.train.columns[k],
+                                                                             two.train.columns[k]))
+    assert one.reports[0].dropped == two.reports[0].dropped
+
+
+def test_tokenized_path_saves_then_loads_without_reading_the_data(tokenizer, tmp_path):
+    saved = tmp_path / "tok"
+    first = load(tokenizer, data_cfg(tokenized_path=str(saved), val_size=0.1), tmp_path)
+    assert (saved / "train.npz").is_file() and (saved / "eval.npz").is_file()
+    registry = tmp_path / "elsewhere"  # the data sets are not read again: a registry that is gone does not matter
+    again = load(tokenizer, data_cfg(tokenized_path=str(saved), dataset_dir=str(registry)), tmp_path)
+    assert all(np.array_equal(a, b) for a, b in zip(first.train.columns["input_ids"], again.train.columns["input_ids"]))
+    assert len(again.eval) == len(first.eval) and again.reports[0].from_cache
+    with pytest.raises(DataError, match="holds data tokenized for stage sft, not pt"):
+        load(tokenizer, data_cfg(tokenized_path=str(saved)), tmp_path, stage="pt")
