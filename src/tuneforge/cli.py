@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="merge the adapter and save a Hugging Face folder or a GGUF file",
                        description="hf: safetensors shards, tokenizer with the trained chat template, generation "
                        "config, model card. gguf: one GGUF file (llama, qwen2, qwen3, gemma3) and an Ollama Modelfile.")
-    p.add_argument("run_dir", help="run directory")
-    p.add_argument("--out", required=True, help="new (or empty) output folder")
+    p.add_argument("run_dir", help="run directory, or a LLaMA-Factory export YAML (model_name_or_path, "
+                   "adapter_name_or_path, export_dir, export_size): the base with its adapters merged, hf format")
+    p.add_argument("--out", help="new (or empty) output folder (a LLaMA-Factory YAML's export_dir by default)")
     p.add_argument("--format", choices=["hf", "gguf"], default="hf")
     p.add_argument("--gguf-type", default="q8_0", help="f32, f16, bf16, q8_0, q5_1, q5_0, q4_1 or q4_0")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (hf format)")
@@ -262,10 +263,49 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
+    from pathlib import Path
+
+    from tuneforge.errors import ConfigError
     from tuneforge.export.export import export_run
 
+    if Path(args.run_dir).suffix in (".yaml", ".yml") and Path(args.run_dir).is_file():
+        return _export_llamafactory(args)
+    if not args.out:
+        raise ConfigError("--out: required: the new (or empty) folder to export into")
     path = export_run(args.run_dir, args.out, args.format, args.gguf_type, args.max_shard_size)
     print(f"tuneforge: exported {args.run_dir} to {path}")
+    return 0
+
+
+def _export_llamafactory(args) -> int:
+    """LLaMA-Factory's merge config: base model + adapter_name_or_path merged, saved to export_dir."""
+    from pathlib import Path
+
+    from tuneforge.config.llamafactory import is_llamafactory
+    from tuneforge.config.loader import read_yaml
+    from tuneforge.errors import ConfigError
+    from tuneforge.export.merge import save_merged
+
+    raw = read_yaml(Path(args.run_dir))
+    if not is_llamafactory(raw) or not raw.get("model_name_or_path"):
+        raise ConfigError(f"{args.run_dir}: give a run directory, or a LLaMA-Factory export YAML with "
+                          "model_name_or_path (and adapter_name_or_path, export_dir)")
+    out = args.out or raw.get("export_dir")
+    if not out:
+        raise ConfigError(f"{args.run_dir}: no export_dir; give it there or with --out")
+    if args.format != "hf":
+        raise ConfigError("--format gguf exports a run directory; merge to a folder first (this), then train or "
+                          "export from it")
+    refused = [k for k in ("export_quantization_bit", "export_hub_model_id") if raw.get(k)]
+    if refused:
+        raise ConfigError(*[f"{args.run_dir}: {k}: not supported (GGUF quantization: tuneforge export RUN "
+                            "--format gguf)" for k in refused])
+    adapters = raw.get("adapter_name_or_path") or []
+    adapters = [a.strip() for a in adapters.split(",")] if isinstance(adapters, str) else list(adapters)
+    shard = f"{raw.get('export_size', 5)}GB" if args.max_shard_size == "2GB" else args.max_shard_size
+    path = save_merged(raw["model_name_or_path"], adapters, out, raw.get("template") or "auto", shard,
+                       bool(raw.get("trust_remote_code", False)))
+    print(f"tuneforge: exported {raw['model_name_or_path']} with {len(adapters)} adapter(s) merged to {path}")
     return 0
 
 

@@ -28,7 +28,7 @@ CHECKPOINT_DONE = "tuneforge_checkpoint.json"  # written last into a checkpoint:
 # Everything TuneForge writes into a run directory; anything else there is the user's and is never deleted.
 OWN_ENTRIES = {META, META + ".tmp", "config.yaml", "adapter", "model", "metrics.jsonl", "metrics.jsonl.tmp",
                "loss.png", "loss.tmp.png", "checkpoints", "adapter_init", "adapted_base.safetensors", "eval.json",
-               "eval", "predict"}
+               "eval", "predict", "stacked_adapters"}
 
 
 @dataclass

@@ -47,6 +47,27 @@ def save_hf(run_dir: str | Path, out_dir: str | Path, max_shard_size: str = "2GB
     return out
 
 
+def save_merged(model: str, adapters: list[str], out_dir: str | Path, template: str = "auto",
+                max_shard_size: str = "5GB", trust_remote_code: bool = False) -> Path:
+    """A base model with saved adapters merged in (LLaMA-Factory's merge config), as a Hugging Face folder."""
+    from tuneforge.config import ModelConfig
+
+    if not SHARD_SIZE.match(str(max_shard_size).strip()):
+        raise ConfigError(f"export size {max_shard_size!r}: expected a size such as 5GB")
+    out = Path(out_dir)
+    check_out_folder(out)
+    engine = Engine.from_model(ModelConfig(name_or_path=model, adapters=adapters, template=template,
+                                           trust_remote_code=trust_remote_code))
+    engine.model.generation_config.eos_token_id = engine.stop_ids
+    engine.model.generation_config.pad_token_id = engine.tokenizer.pad_token_id
+    engine.model.save_pretrained(out, max_shard_size=max_shard_size)
+    engine.tokenizer.save_pretrained(out)
+    names = ", ".join(f"`{a}`" for a in adapters) or "none"
+    (out / "README.md").write_text(f"# {out.name}\n\nMerged with TuneForge: base model `{model}`, adapters merged in "
+                                   f"order: {names}; chat template: {template}.\n", encoding="utf-8")
+    return out
+
+
 def model_card(run) -> str:
     cfg, meta = run.config(), run.meta()
     adapter = cfg.method.adapter

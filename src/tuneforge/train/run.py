@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerState, TrainingArguments
 from transformers.trainer_utils import TrainOutput
 
-from tuneforge.config import TuneForgeConfig, load_config
+from tuneforge.config import TuneForgeConfig, dump_config, load_config
 from tuneforge.config.schema import BadamOptimizer
 from tuneforge.data.collate import KTOCollator, PackedCollator, PadCollator, PairCollator
 from tuneforge.data.template import stop_token_ids
@@ -94,9 +94,34 @@ def _save_start(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir) ->
             model.save_pretrained(str(run.path / INIT_ADAPTER))  # the start, to convert the final adapter against
     if quantizes_base(cfg.method.adapter) and not (run.path / ADAPTED_BASE).exists():
         save_adapted_base(model, run.path / ADAPTED_BASE)  # LoftQ: the adapter applies to these weights
+    _keep_stacked_adapters(cfg, run)
     run.update_meta(base_model=prepared.source.path, base_model_name=cfg.model.name_or_path,
                     template=prepared.template.name, stop=list(prepared.template.stop), stage=cfg.method.stage,
                     default_system=cfg.data.default_system, adapter=cfg.method.adapter.type)
+
+
+STACKED = "stacked_adapters"
+
+
+def _keep_stacked_adapters(cfg: TuneForgeConfig, run: RunDir) -> None:
+    """model.adapters are copied into the run directory and its config.yaml points at the copies, so the run keeps
+    working (chat, export, resume) when the adapter folders it was trained on change or go away."""
+    from tuneforge.model.stacking import adapter_folders
+
+    if not cfg.model.adapters:
+        return
+    folder = run.path / STACKED
+    copies = []
+    for i, source in enumerate(adapter_folders(cfg.model.adapters)):
+        target = folder / str(i)
+        if source.resolve() != target.resolve():
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(source, target)
+        copies.append(str(target.resolve()))
+    kept = cfg.model_copy(deep=True)
+    kept.model.adapters = copies
+    (run.path / "config.yaml").write_text(dump_config(kept), encoding="utf-8")
 
 
 def _train(cfg: TuneForgeConfig, trainer, stop: GracefulStop, prepared: Prepared, run: RunDir,

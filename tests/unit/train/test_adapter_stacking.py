@@ -71,10 +71,17 @@ def test_a_new_adapter_on_merged_ones_loads_back_exactly(sft_run, tiny_model_dir
     from tuneforge.model.loader import load_model
     from tuneforge.train.run import train
 
-    run = train(run_config(tiny_model_dir, tmp_path, "stacked", model={"adapters": [str(sft_run)]},
+    import shutil
+
+    source = tmp_path / "sft-copy"  # the run keeps its own copy of what it was stacked on
+    shutil.copytree(sft_run, source)
+    run = train(run_config(tiny_model_dir, tmp_path, "stacked", model={"adapters": [str(source)]},
                            method={"adapter": {"type": "lora", "rank": 2, "new_adapter": True}},
                            train={"max_steps": 2})).run_dir
     assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 2
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model"]["adapters"]
+    assert saved == [str((run / "stacked_adapters" / "0").resolve())]
+    shutil.rmtree(source)
     engine = Engine.load(str(run))
     # by hand: base, SFT adapter merged, then the new adapter
     base = load_model(str(tiny_model_dir), torch.float32, False)
@@ -125,3 +132,21 @@ def test_llamafactory_sft_then_dpo_on_one_adapter(sft_run, tiny_model_dir, tmp_p
                  f"dataset_dir={LLAMAFACTORY_DATA}", "max_steps=1", "max_samples=4", "per_device_train_batch_size=2",
                  "gradient_accumulation_steps=1", f"model.cache_dir={tmp_path / 'cache'}"])
     assert dpo.status == "completed" and adapter_weights(dpo.run_dir).keys() == adapter_weights(sft_run).keys()
+
+
+def test_llamafactory_merge_config_exports_the_merged_model(sft_run, tiny_model_dir, tmp_path):
+    from tuneforge.model.loader import load_model
+
+    out = tmp_path / "merged"
+    lf = tmp_path / "merge.yaml"  # LLaMA-Factory's export config
+    lf.write_text(yaml.safe_dump({"model_name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(sft_run),
+                                  "template": "chatml", "trust_remote_code": True, "export_dir": str(out),
+                                  "export_size": 5, "export_device": "cpu", "export_legacy_format": False}))
+    assert main(["export", str(lf)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    merged = load_model(str(out), torch.float32, False)
+    ids = torch.tensor([Engine.load(str(sft_run)).prompt_ids([{"role": "user", "content": "Who are you?"}])])
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, Engine.load(str(sft_run)).model(input_ids=ids).logits,
+                              atol=1e-5)
+    assert main(["export", str(lf)]) == 2  # the folder is not empty now: never overwritten
