@@ -86,6 +86,12 @@ def translate(raw: dict, where: str = "config") -> Translation:
         problems.append("model_name_or_path: required: a model folder, hub id or .gguf file")
     stage = raw.pop("stage", "sft")
     put("method.stage", stage)
+    template = raw.pop("template", None)
+    if template:
+        from tuneforge.data.template import LLAMAFACTORY_PREFIX, builtin_templates
+
+        theirs = LLAMAFACTORY_PREFIX + template
+        put("model.template", theirs if theirs in builtin_templates() else template)
     if stage == "sft":
         put("data.overlong", "split")
         result.notes.append("data.overlong: split: an overlong conversation is cut turn by turn, prompt and answer "

@@ -40,13 +40,23 @@ def stop_token_ids(tokenizer, stop) -> list[int]:
     return [i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id]
 
 
+LLAMAFACTORY_PREFIX = "llamafactory:"
+
+
 @lru_cache(maxsize=1)
 def builtin_templates() -> dict[str, dict]:
-    text = resources.files("tuneforge.data").joinpath("templates.yaml").read_text(encoding="utf-8")
-    table = yaml.safe_load(text)
+    """TuneForge's templates (templates.yaml), and LLaMA-Factory's renderings (templates_llamafactory.yaml) as
+    `llamafactory:NAME`, also under the bare NAME where TuneForge has none (a translated LLaMA-Factory config
+    uses the `llamafactory:` names, so it renders exactly as there)."""
+    files = resources.files("tuneforge.data")
+    table = yaml.safe_load(files.joinpath("templates.yaml").read_text(encoding="utf-8"))
     for name, entry in list(table.items()):
         for alias in entry.get("aliases", []):
             table[alias] = entry
+    theirs = yaml.safe_load(files.joinpath("templates_llamafactory.yaml").read_text(encoding="utf-8"))
+    for name, entry in theirs.items():
+        table[LLAMAFACTORY_PREFIX + name] = entry
+        table.setdefault(name, entry)
     return table
 
 
@@ -66,8 +76,9 @@ def resolve_template(name: str, tokenizer) -> tuple[ChatTemplate, str | None]:
     if name not in table:
         close = difflib.get_close_matches(name, list(table), n=3)
         hint = f" did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"model.template: unknown template {name!r}.{hint} expected auto or one of "
-                          f"{', '.join(sorted(table))}")
+        names = sorted(n for n in table if not n.startswith(LLAMAFACTORY_PREFIX))
+        raise ConfigError(f"model.template: unknown template {name!r}.{hint} expected auto, one of "
+                          f"{', '.join(names)}, or {LLAMAFACTORY_PREFIX}NAME for LLaMA-Factory's rendering of NAME")
     entry = table[name]
     stop = list(entry.get("stop", [])) + ([tokenizer.eos_token] if tokenizer.eos_token else [])
     return ChatTemplate(name, entry["jinja"], tuple(dict.fromkeys(stop))), note

@@ -26,7 +26,7 @@ def test_the_lora_sft_example_becomes_this_config():
     result = translate(lf("llama3_lora_sft.yaml"))
     assert result.config == {
         "model": {"name_or_path": "meta-llama/Meta-Llama-3-8B-Instruct", "trust_remote_code": True,
-                  "template": "llama3"},
+                  "template": "llamafactory:llama3"},
         "data": {"overlong": "split", "dataset": ["identity", "alpaca_en_demo"], "cutoff_len": 2048, "max_samples": 1000,
                  "overwrite_cache": True, "preprocessing_num_workers": 16},
         "method": {"stage": "sft", "adapter": {"type": "lora", "alpha": 16, "target_modules": "all", "rank": 8}},
