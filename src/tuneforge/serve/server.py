@@ -179,7 +179,7 @@ def create_app(engine, settings: ServerSettings, batcher=None):
                 "model": settings.model_name,
                 "choices": [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
                             for c in choices],
-                "usage": _usage(prompt_tokens, choices, per_choice_prompt=False)}
+                "usage": _usage(prompt_tokens, choices)}
 
     @app.post("/v1/score")
     async def score(body: ScoreRequest):
@@ -367,7 +367,7 @@ async def _wait(choices: list[_Choice], request, engine, stops: list[str]) -> No
             choice.request.cancel()
 
 
-def _usage(prompt_tokens: int, choices: list[_Choice], per_choice_prompt: bool = True) -> dict:
+def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
     completion = sum(len(c.request.tokens) for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion}

@@ -4,7 +4,6 @@ accounted for, and each stage's example config trained for a few steps."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
