@@ -165,13 +165,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    from tuneforge.config import load_config
+    from tuneforge.ranks import is_main
+    from tuneforge.train.distributed import relaunch_command
     from tuneforge.train.run import train
 
+    command = relaunch_command(load_config(args.config, args.overrides).distributed,
+                               ["train", args.config, *args.overrides])
+    if command:
+        return _run_launcher(command)
     result = train(args.config, args.overrides)
-    print(f"tuneforge: {result.status}; run directory {result.run_dir}")
-    if result.status == "completed":
-        print(f"tuneforge: try it with `tuneforge chat {result.run_dir}`")
+    if is_main():
+        print(f"tuneforge: {result.status}; run directory {result.run_dir}")
+        if result.status == "completed":
+            print(f"tuneforge: try it with `tuneforge chat {result.run_dir}`")
     return 0 if result.status == "completed" else 3
+
+
+def _run_launcher(command: list[str]) -> int:
+    """torchrun with the training processes; Ctrl-C (or the web UI's Stop) is passed on, so that every process
+    finishes its step and the run saves a checkpoint."""
+    import signal
+    import subprocess
+
+    print(f"tuneforge: training in several processes: {' '.join(command[2:])}", flush=True)
+    launcher = subprocess.Popen(command)
+    while True:
+        try:
+            return launcher.wait()
+        except KeyboardInterrupt:
+            launcher.send_signal(signal.SIGINT)
 
 
 def _check(args) -> int:

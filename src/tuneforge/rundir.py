@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tuneforge.config import TuneForgeConfig, dump_config, load_config
 from tuneforge.errors import ConfigError
+from tuneforge.ranks import is_main
 
 META = "run.json"
 CHECKPOINT_DONE = "tuneforge_checkpoint.json"  # written last into a checkpoint: it is complete
@@ -49,6 +50,8 @@ class RunDir:
         return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
 
     def update_meta(self, **fields) -> None:
+        if not is_main():  # several training processes: rank 0 keeps run.json
+            return
         meta = {**self.meta(), **fields}
         tmp = self.path / (META + ".tmp")
         tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
@@ -212,6 +215,8 @@ def start_run(plan: RunPlan, cfg: TuneForgeConfig) -> RunDir:
     """Make the folder the new run's: move a replaced run aside, write config.yaml and run.json (with this
     process's id and host, so that a crash shows), trim metrics logged after the resumed checkpoint."""
     run = plan.run
+    if not is_main():  # several training processes: rank 0 prepares the folder (the others wait for it)
+        return run
     if plan.replaces:
         run.path.rename(plan.previous)
         print(f"tuneforge: the previous run is kept in {plan.previous} until this one completes", flush=True)
@@ -226,7 +231,7 @@ def start_run(plan: RunPlan, cfg: TuneForgeConfig) -> RunDir:
 
 def finish_run(plan: RunPlan) -> None:
     """The run completed: the one it replaced (now, or in an overwrite it resumed) can go."""
-    if (plan.previous / META).is_file():
+    if is_main() and (plan.previous / META).is_file():
         shutil.rmtree(plan.previous)
 
 

@@ -37,7 +37,11 @@ def load_config(source: str | Path | Mapping[str, Any] | TuneForgeConfig, overri
 
 
 def announce(translation, where: str) -> None:
-    """One line on what the translation kept from LLaMA-Factory, one on what it ignored (stderr)."""
+    """One line on what the translation kept from LLaMA-Factory, one on what it ignored (stderr; rank 0 only)."""
+    from tuneforge.ranks import is_main
+
+    if not is_main():
+        return
     kept = f", keeping its behaviour where TuneForge's defaults differ ({len(translation.notes)} places)" \
         if translation.notes else ""
     print(f"tuneforge: {where} is a LLaMA-Factory config: translated{kept}; `tuneforge convert {where}` shows the "

@@ -464,6 +464,23 @@ class EvalConfig(Strict):
         return _split_names(v) if isinstance(v, str) else v
 
 
+class DistributedConfig(Strict):
+    nproc_per_node: int | Literal["auto"] = Field(
+        1, description="Training processes on this machine (`auto`: one per GPU). Above 1, `tuneforge train` "
+        "starts itself under torchrun (PyTorch's DDP through the Trainer; gloo on CPUs).")
+    nnodes: int = Field(1, ge=1, description="Machines taking part (run the same command on each, with its node_rank).")
+    node_rank: int = Field(0, ge=0, description="This machine's number among nnodes (0 on the one at master_addr).")
+    master_addr: str = Field("127.0.0.1", description="Address of machine 0, which the others connect to.")
+    master_port: int = Field(29500, ge=1, le=65535, description="Port on machine 0 for the processes to meet.")
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _positive(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError("distributed.nproc_per_node: 1 or more, or auto")
+        return v
+
+
 class TuneForgeConfig(Strict):
     model: ModelConfig
     data: DataConfig
@@ -471,6 +488,7 @@ class TuneForgeConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
     @field_validator("method", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ from tuneforge.data.template import stop_token_ids
 from tuneforge.errors import TrainingError
 from tuneforge.model.adapters import ADAPTED_BASE, count_params, moves_base_weights, quantizes_base, save_adapted_base
 from tuneforge.rundir import RunDir, finish_run, newest_complete_checkpoint, plan_run, start_run
+from tuneforge.train.distributed import barrier, init_processes, is_main, main_first
 from tuneforge.train.callbacks import GracefulStop, MetricsCallback, NonFiniteGuard, stop_if_diverged
 from tuneforge.train.optimizers import low_rank_training_args
 from tuneforge.train.preference_trainer import DPOTrainer, KTOTrainer, RewardTrainer
@@ -45,21 +46,29 @@ def train(config, overrides: list[str] = ()) -> RunResult:
     """Fine-tune as configured (a YAML path, dict or TuneForgeConfig) and save everything to the run directory.
     Config, data, model and trainer are all validated before the run directory is touched."""
     cfg = load_config(config, overrides)
+    init_processes()  # several processes (torchrun): join the group; rank 0 writes, every rank trains its shard
+    main = is_main()
     plan = plan_run(cfg)
-    prepared = prepare(cfg)
-    print(format_data_report(prepared), flush=True)
-    for note in plan.notes:
-        print(f"tuneforge: {note}", flush=True)
+    with main_first():  # rank 0 tokenizes into the cache, the others read it
+        prepared = prepare(cfg)
+    if main:
+        print(format_data_report(prepared), flush=True)
+        for note in plan.notes:
+            print(f"tuneforge: {note}", flush=True)
     model = build_model(cfg, prepared.source, prepared.tokenizer)
-    print(f"tuneforge: {count_params(model)}", flush=True)
+    if main:
+        print(f"tuneforge: {count_params(model)}", flush=True)
     reference = build_reference(cfg, prepared.source)
     trainer = stop = None
     if cfg.method.stage != "ppo":
         with _new_folder_removed_on_error(plan.run.path):
             trainer, stop = build_trainer(cfg, model, prepared, plan.run, reference)
-    run = start_run(plan, cfg)
+    with main_first():  # the others start once rank 0 has made the folder the new run's
+        run = start_run(plan, cfg)
     try:
-        _save_start(cfg, model, prepared, run)
+        if main:
+            _save_start(cfg, model, prepared, run)
+        barrier()
         if trainer is None:
             from tuneforge.train.ppo import run_ppo
 
@@ -72,6 +81,7 @@ def train(config, overrides: list[str] = ()) -> RunResult:
         raise
     if result.status == "completed":
         finish_run(plan)
+    barrier()  # every process leaves once rank 0 has written everything
     return result
 
 
@@ -152,6 +162,7 @@ def _train(cfg: TuneForgeConfig, trainer, stop: GracefulStop, prepared: Prepared
         metrics.update(trainer.evaluate())
     try:
         save_weights(trainer, prepared, run, cfg)
+        barrier()
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
@@ -160,7 +171,7 @@ def _train(cfg: TuneForgeConfig, trainer, stop: GracefulStop, prepared: Prepared
                    "train.resume_from_checkpoint=auto (it saves the weights without training again)")
     run.update_meta(status=status, finished=time.strftime("%Y-%m-%d %H:%M:%S"), metrics=metrics,
                     global_step=trainer.state.global_step)
-    if status == "interrupted":
+    if status == "interrupted" and is_main():
         print(f"tuneforge: interrupted at step {trainer.state.global_step}; continue with "
               f"`tuneforge train {run.path / 'config.yaml'} train.resume_from_checkpoint=auto`", flush=True)
     return RunResult(run.path, status, metrics)
@@ -267,6 +278,9 @@ def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir, 
 def save_weights(trainer: TuneForgeTrainer, prepared: Prepared, run: RunDir, cfg: TuneForgeConfig) -> Path:
     """adapter/ (LoRA) or model/ (freeze, full), in safetensors, with the tokenizer and its chat template."""
     target = run.path / ("adapter" if cfg.method.adapter.type == "lora" else "model")
+    if not is_main():  # trainer.save_model gathers the weights with every process; rank 0 writes them
+        trainer.save_model(str(target)) if not moves_base_weights(cfg.method.adapter) else None
+        return target
     if moves_base_weights(cfg.method.adapter):  # convert to an adapter on the original base weights
         model = trainer.accelerator.unwrap_model(trainer.model)
         model.save_pretrained(str(target), path_initial_model_for_weight_conversion=str(run.path / INIT_ADAPTER))

@@ -1,0 +1,59 @@
+"""More than one process: training under torchrun or `accelerate launch` (the Trainer's own DDP), never a
+home-made layer. Rank 0 writes the run directory (config, run.json, metrics, plots, weights, checkpoints' shared
+files); every rank trains on its shard of each batch. `tuneforge train` relaunches itself under torchrun when the
+config asks for more than one process (`distributed.*`) and it was not started by a launcher already."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from tuneforge.ranks import is_main, launched, world_size
+
+
+def init_processes() -> None:
+    """Join the process group early (gloo on CPUs, nccl on GPUs), so that data preparation can take turns."""
+    if world_size() > 1:
+        from accelerate import PartialState
+
+        PartialState()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (it fills the tokenized-data cache), then the others (they read it)."""
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
+def processes_per_node(value) -> int:
+    if value == "auto":
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
+    return int(value)
+
+
+def relaunch_command(distributed, argv: list[str]) -> list[str] | None:
+    """The torchrun command that runs `tuneforge ARGV` in several processes, or None when this process should
+    train itself (one process asked for, or already started by a launcher)."""
+    if launched():
+        return None
+    n = processes_per_node(distributed.nproc_per_node)
+    if n <= 1 and distributed.nnodes <= 1:
+        return None
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--nnodes={distributed.nnodes}",
+            f"--node_rank={distributed.node_rank}", f"--master_addr={distributed.master_addr}",
+            f"--master_port={distributed.master_port}", "-m", "tuneforge.cli", *argv]

@@ -1,0 +1,74 @@
+"""Two training processes on this CPU (torchrun, gloo; the Trainer's DDP): the same losses as one process with the
+same global batch, and one writer of the run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+TOLERANCE = 1e-4  # relative; float32 sums in another order (two shards, then an all-reduce)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config(tmp_path, tiny_model_dir, name, stage="sft", **train):
+    data = {"dataset": "identity", "dataset_dir": str(REPO / "data"), "cutoff_len": 128, "max_samples": 32,
+            "placeholders": {"name": "Tiny", "author": "Tests"}}
+    if stage == "dpo":
+        data = {"dataset": "dpo_en_demo", "dataset_dir": str(REPO / "data"), "cutoff_len": 128, "max_samples": 32,
+                "overlong": "truncate_answer"}
+    cfg = {"model": {"name_or_path": str(tiny_model_dir), "cache_dir": str(tmp_path / "cache")}, "data": data,
+           "method": {"stage": stage, "adapter": {"type": "lora", "rank": 4, "alpha": 8}},
+           "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1, "save_steps": 100,
+                     "group_by_length": False, **train},
+           "output": {"run_dir": str(tmp_path / name)}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def tuneforge(*args, expect=0):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    done = subprocess.run([sys.executable, "-m", "tuneforge.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == expect, f"{args}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def losses(run):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_two_processes_follow_the_single_process_losses(tmp_path, tiny_model_dir, stage):
+    one = config(tmp_path, tiny_model_dir, "one", stage)
+    two = config(tmp_path, tiny_model_dir, "two", stage, batch_size=2)  # 2 processes x 2 rows = the same 4 rows
+    tuneforge("train", str(one))
+    out = tuneforge("train", str(two), "distributed.nproc_per_node=2", f"distributed.master_port={free_port()}")
+    assert "torch.distributed.run --nproc_per_node=2" in out.stdout
+    single, double = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(single) == len(double) == 6 and single[0] != single[-1]
+    assert double == pytest.approx(single, rel=TOLERANCE), (single, double)
+    # written once, by rank 0: one final line in the output, one adapter, one run.json that says completed
+    assert out.stdout.count("tuneforge: completed; run directory") == 1
+    meta = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert meta["status"] == "completed" and meta["global_step"] == 6
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
