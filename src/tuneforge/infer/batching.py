@@ -72,60 +72,62 @@ class Request:
         self.cancelled.set()
 
 
-class Batcher:
-    def __init__(self, model, pad_token_id: int | None, max_batch: int = 8, max_queue: int = 64):
-        self.model = model
-        self.pad_token_id = pad_token_id if pad_token_id is not None else 0
+class _Line:
+    """The callers' side of a batcher: a bounded line of waiting requests (all of n answers, or none, get a place)
+    and a generation thread that takes them from it. Subclasses say how many run (`active`) and run them."""
+
+    def __init__(self, max_batch: int, max_queue: int, name: str):
         self.max_batch, self.max_queue = max(1, max_batch), max(0, max_queue)
-        self.cached = not getattr(model.config, MIXTURE_OF_DEPTHS, None)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version's forward takes
-        self._cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         self._waiting: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._closed = False
-        self.steps = 0  # decoding steps run (for tests and statistics)
         self.largest_batch = 0
-        self._thread = threading.Thread(target=self._loop, name="tuneforge-batcher", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    # --- the caller's side -----------------------------------------------------------------------------------------
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
     def submit(self, prompt: list[int], sampling: Sampling, stop_ids) -> Request:
-        request = Request(list(prompt), sampling, frozenset(stop_ids))
+        return self.submit_many([prompt], [sampling], stop_ids)[0]
+
+    def submit_many(self, prompts: list[list[int]], samplings: list[Sampling], stop_ids) -> list[Request]:
         with self._wake:
             if self._closed:
                 raise RuntimeError("the server is shutting down")
-            if len(self._waiting) >= self.max_queue + self.max_batch - self.active:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
-            self._waiting.append(request)
-            self._wake.notify()
-        return request
-
-    def submit_many(self, prompts: list[list[int]], samplings: list[Sampling], stop_ids) -> list[Request]:
-        """All or none: n answers to one prompt either all get a place in the line or none does."""
-        with self._wake:
-            free = self.max_queue + self.max_batch - self.active - len(self._waiting)
-            if len(prompts) > free:
+            if len(prompts) > self.max_queue + self.max_batch - self.active - len(self._waiting):
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
             requests = [Request(list(p), s, frozenset(stop_ids)) for p, s in zip(prompts, samplings)]
             self._waiting.extend(requests)
             self._wake.notify()
         return requests
 
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    @property
-    def active(self) -> int:
-        """Requests being decoded now."""
-        return len(getattr(self, "_active_rows", []))
-
     def close(self) -> None:
         with self._wake:
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Batcher(_Line):
+    def __init__(self, model, pad_token_id: int | None, max_batch: int = 8, max_queue: int = 64):
+        super().__init__(max_batch, max_queue, "tuneforge-batcher")
+        self.model = model
+        self.pad_token_id = pad_token_id if pad_token_id is not None else 0
+        self.cached = not getattr(model.config, MIXTURE_OF_DEPTHS, None)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version's forward takes
+        self._cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        self.steps = 0  # decoding steps run (for tests and statistics)
+        self._thread.start()
+
+    @property
+    def active(self) -> int:
+        """Requests being decoded now."""
+        return len(getattr(self, "_active_rows", []))
 
     # --- the model's side ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -302,43 +304,19 @@ def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
 
 
-class GroupBatcher:
+class GroupBatcher(_Line):
     """The same interface for engines that batch internally (vLLM): waiting requests are handed over in groups of
     up to `max_batch`; each request's tokens are delivered when its group is done."""
 
     def __init__(self, run_group, max_batch: int = 8, max_queue: int = 64):
+        super().__init__(max_batch, max_queue, "tuneforge-group-batcher")
         self.run_group = run_group  # list[Request] -> list[(token ids, finish reason)]
-        self.max_batch, self.max_queue = max(1, max_batch), max(0, max_queue)
-        self._waiting: collections.deque[Request] = collections.deque()
-        self._wake = threading.Condition()
-        self._closed = False
         self._running: list[Request] = []
-        self.largest_batch = 0
-        self._thread = threading.Thread(target=self._loop, name="tuneforge-group-batcher", daemon=True)
         self._thread.start()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
 
     @property
     def active(self) -> int:
         return len(self._running)
-
-    def submit_many(self, prompts: list[list[int]], samplings: list[Sampling], stop_ids) -> list[Request]:
-        with self._wake:
-            if len(prompts) > self.max_queue + self.max_batch - self.active - len(self._waiting):
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
-            requests = [Request(list(p), s, frozenset(stop_ids)) for p, s in zip(prompts, samplings)]
-            self._waiting.extend(requests)
-            self._wake.notify()
-        return requests
-
-    def close(self) -> None:
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join(timeout=10)
 
     def _loop(self) -> None:
         while True:

@@ -22,6 +22,14 @@ class Context:
     _engines: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def run_picker(self):
+        """A dropdown of the finished runs (the newest first), free to type in."""
+        import gradio as gr
+
+        runs = self.workspace.finished_runs()
+        return self.texts.add(gr.Dropdown(runs, value=runs[0] if runs else None, allow_custom_value=True,
+                                          label=self.texts.initial("run")), label="run")
+
     def engine(self, target: str):
         """A loaded Engine for a run directory or model, kept for the next request (at most two at a time)."""
         from tuneforge.infer.engine import Engine

@@ -15,10 +15,8 @@ class EvaluateTab:
 
     def build(self) -> None:
         ctx, T = self.ctx, self.ctx.texts
-        runs = ctx.workspace.finished_runs()
         with gr.Row():
-            self.run = T.add(gr.Dropdown(runs, value=runs[0] if runs else None, allow_custom_value=True,
-                                         label=T.initial("run")), label="run")
+            self.run = ctx.run_picker()
             self.data_dir = T.add(gr.Textbox("data", label=T.initial("data_dir")), label="data_dir")
             self.dataset = T.add(gr.Textbox("identity", label=T.initial("eval_dataset"),
                                             info=T.initial("eval_dataset_info")), label="eval_dataset",

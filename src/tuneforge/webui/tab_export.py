@@ -18,10 +18,8 @@ class ExportTab:
 
     def build(self) -> None:
         ctx, T = self.ctx, self.ctx.texts
-        runs = ctx.workspace.finished_runs()
         with gr.Row():
-            self.run = T.add(gr.Dropdown(runs, value=runs[0] if runs else None, allow_custom_value=True,
-                                         label=T.initial("run")), label="run")
+            self.run = ctx.run_picker()
             self.format = T.add(gr.Radio(["gguf", "hf"], value="gguf", label=T.initial("export_format"),
                                          info=T.initial("export_format_info")), label="export_format",
                                 info="export_format_info")

@@ -2,7 +2,7 @@
 
 Run with the separate LLaMA-Factory environment (not TuneForge's), from any directory:
 
-    /work/lfenv/bin/python tests/assets/llamafactory_templates/make_references.py
+    .lfenv/bin/python tests/assets/llamafactory_templates/make_references.py
 
 It builds a small synthetic byte-level BPE tokenizer (the same recipe as `build_tokenizer` in tests/conftest.py,
 plus every special token the templates below write), saves it to tokenizer/ beside this file, and for every
