@@ -1,5 +1,6 @@
 """Two training processes on this CPU (torchrun, gloo; the Trainer's DDP): the same losses as one process with the
-same global batch, and one writer of the run directory."""
+same global batch (sft, dpo, and kto, whose KL reference point is gathered across processes), and one writer of the
+run directory."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def free_port() -> int:
 def config(tmp_path, tiny_model_dir, name, stage="sft", **train):
     data = {"dataset": "identity", "dataset_dir": str(REPO / "data"), "cutoff_len": 128, "max_samples": 32,
             "placeholders": {"name": "Tiny", "author": "Tests"}}
+    if stage == "kto":
+        data = {"dataset": "kto_en_demo", "dataset_dir": str(REPO / "tests" / "assets" / "llamafactory"),
+                "cutoff_len": 128, "max_samples": 32, "overlong": "truncate_answer"}
     if stage == "dpo":
         data = {"dataset": "dpo_en_demo", "dataset_dir": str(REPO / "data"), "cutoff_len": 128, "max_samples": 32,
                 "overlong": "truncate_answer"}
@@ -53,7 +57,7 @@ def losses(run):
             if "loss" in json.loads(line)]
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "kto"])
 def test_two_processes_follow_the_single_process_losses(tmp_path, tiny_model_dir, stage):
     one = config(tmp_path, tiny_model_dir, "one", stage)
     two = config(tmp_path, tiny_model_dir, "two", stage, batch_size=2)  # 2 processes x 2 rows = the same 4 rows
