@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 from tuneforge.errors import UserError
 
@@ -165,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    import os
+
     from tuneforge.config import load_config
     from tuneforge.ranks import is_main
     from tuneforge.train.distributed import relaunch_command
@@ -179,22 +182,54 @@ def _train(args) -> int:
         print(f"tuneforge: {result.status}; run directory {result.run_dir}")
         if result.status == "completed":
             print(f"tuneforge: try it with `tuneforge chat {result.run_dir}`")
+        if os.environ.get(STATUS_FILE):
+            Path(os.environ[STATUS_FILE]).write_text(result.status, encoding="utf-8")
+    if result.status == "interrupted" and os.environ.get(STATUS_FILE):
+        return 0  # torchrun would report a stopped process as a failed one; `tuneforge train` returns 3 itself
     return 0 if result.status == "completed" else 3
 
 
+STATUS_FILE = "TUNEFORGE_STATUS_FILE"  # set by _run_launcher for the processes it starts
+
+
 def _run_launcher(command: list[str]) -> int:
-    """torchrun with the training processes; Ctrl-C (or the web UI's Stop) is passed on, so that every process
-    finishes its step and the run saves a checkpoint."""
+    """torchrun with the training processes, in a session of their own. Ctrl-C, SIGTERM (or the web UI's Stop) is
+    passed on to the training processes themselves, once per signal: each finishes the same step, the run saves
+    a checkpoint, and they exit on their own (torchrun would kill them 30 s after passing a signal on)."""
+    import os
     import signal
     import subprocess
+    import tempfile
+
+    import psutil
 
     print(f"tuneforge: training in several processes: {' '.join(command[2:])}", flush=True)
-    launcher = subprocess.Popen(command)
-    while True:
+    with tempfile.TemporaryDirectory(prefix="tuneforge-launch-") as folder:
+        status = Path(folder) / "status"
+        launcher = subprocess.Popen(command, start_new_session=True, env={**os.environ, STATUS_FILE: str(status)})
+
+        def pass_on(signum, frame):
+            try:
+                workers = psutil.Process(launcher.pid).children()
+            except psutil.NoSuchProcess:
+                return
+            for worker in workers or [psutil.Process(launcher.pid)]:
+                try:
+                    worker.send_signal(signal.SIGINT)
+                except psutil.NoSuchProcess:
+                    pass
+
+        previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return launcher.wait()
-        except KeyboardInterrupt:
-            launcher.send_signal(signal.SIGINT)
+            code = launcher.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if launcher.poll() is None:  # this process is going away: so do the training processes
+                os.killpg(launcher.pid, signal.SIGKILL)
+        if code == 0 and status.is_file() and status.read_text(encoding="utf-8") == "interrupted":
+            return 3
+        return code
 
 
 def _check(args) -> int:
@@ -241,8 +276,6 @@ def _chat(args) -> int:
 
 
 def _predict(args) -> int:
-    from pathlib import Path
-
     from tuneforge.config import DataConfig
     from tuneforge.data.pipeline import load_examples
     from tuneforge.errors import ConfigError
@@ -286,7 +319,6 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-    from pathlib import Path
 
     from tuneforge.errors import ConfigError
     from tuneforge.export.export import export_run
@@ -302,7 +334,6 @@ def _export(args) -> int:
 
 def _export_llamafactory(args) -> int:
     """LLaMA-Factory's merge config: base model + adapter_name_or_path merged, saved to export_dir."""
-    from pathlib import Path
 
     from tuneforge.config.llamafactory import is_llamafactory
     from tuneforge.config.loader import read_yaml
@@ -334,7 +365,6 @@ def _export_llamafactory(args) -> int:
 
 def _webui(args) -> int:
     import os
-    from pathlib import Path
 
     import importlib.util
 
@@ -354,7 +384,6 @@ def _webui(args) -> int:
 def _target(args) -> tuple[str, str, list[str]]:
     """(model or run, template, adapters) from TARGET and the options; a LLaMA-Factory inference YAML brings its
     own model_name_or_path, adapter_name_or_path and template."""
-    from pathlib import Path
 
     from tuneforge.errors import ConfigError
 
@@ -375,7 +404,6 @@ def _target(args) -> tuple[str, str, list[str]]:
 
 
 def _convert(args) -> int:
-    from pathlib import Path
 
     from tuneforge.config.llamafactory import apply_flat_overrides, describe, is_llamafactory, translate
     from tuneforge.config.loader import apply_overrides, read_yaml, validate_config

@@ -10,7 +10,9 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from tuneforge.errors import TrainingError
+from tuneforge.ranks import is_main
 from tuneforge.rundir import newest_complete_checkpoint
+from tuneforge.train.distributed import any_rank
 
 
 class MetricsCallback(TrainerCallback):
@@ -79,7 +81,8 @@ class GracefulStop(TrainerCallback):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print("\ntuneforge: stopping after this step and saving a checkpoint (Ctrl-C again to abort)", flush=True)
+        if is_main():
+            print("\ntuneforge: stopping after this step and saving a checkpoint (Ctrl-C again to abort)", flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -88,8 +91,13 @@ class GracefulStop(TrainerCallback):
             except ValueError:  # not the main thread (e.g. a web UI worker): no signal handling there
                 pass
 
+    def sync(self) -> bool:
+        """Whether to stop now; with several processes, every one stops after the same step when one was asked."""
+        self.requested = any_rank(self.requested)
+        return self.requested
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        if self.sync():
             control.should_save = True
             control.should_training_stop = True
 

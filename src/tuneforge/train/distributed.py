@@ -19,11 +19,46 @@ def init_processes() -> None:
         PartialState()
 
 
-def barrier() -> None:
+def _group():
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def barrier() -> None:
+    if dist := _group():
         dist.barrier()
+
+
+def _device():
+    import torch
+
+    dist = _group()
+    return torch.device("cuda", torch.cuda.current_device()) if dist and dist.get_backend() == "nccl" else "cpu"
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every process when it is true on one of them (a stop request must end the same step everywhere)."""
+    dist = _group()
+    if dist is None:
+        return flag
+    import torch
+
+    value = torch.tensor([1.0 if flag else 0.0], device=_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """The element-wise sum of `values` over every process (the values themselves with one process)."""
+    dist = _group()
+    if dist is None:
+        return list(values)
+    import torch
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(tensor)
+    return tensor.tolist()
 
 
 @contextlib.contextmanager

@@ -76,3 +76,45 @@ def test_two_processes_follow_the_single_process_losses(tmp_path, tiny_model_dir
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+
+
+def test_an_interrupted_two_process_run_resumes_to_the_same_losses(tmp_path, tiny_model_dir):
+    """Ctrl-C on `tuneforge train` (as a terminal or the web UI's Stop sends it) stops both processes after the same
+    step with a checkpoint; continuing from it ends with the losses of an uninterrupted run."""
+    import signal
+    import time
+
+    steps = 120  # several epochs (the order of each epoch's shards comes back too)
+    whole = config(tmp_path, tiny_model_dir, "whole", batch_size=2, max_steps=steps)
+    two = config(tmp_path, tiny_model_dir, "two", batch_size=2, max_steps=steps)
+    tuneforge("train", str(whole), "distributed.nproc_per_node=2", f"distributed.master_port={free_port()}")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    run = tmp_path / "two"
+    interrupted = subprocess.Popen([sys.executable, "-m", "tuneforge.cli", "train", str(two),
+                                    "distributed.nproc_per_node=2", f"distributed.master_port={free_port()}"],
+                                   cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").is_file() and len(losses(run)) >= 3) and time.monotonic() < deadline:
+        assert interrupted.poll() is None, interrupted.stdout.read()[-3000:]
+        time.sleep(0.02)
+    interrupted.send_signal(signal.SIGINT)
+    out, _ = interrupted.communicate(timeout=300)
+    assert interrupted.returncode == 3, out[-3000:]
+    meta = json.loads((run / "run.json").read_text())
+    stopped = meta["global_step"]
+    assert meta["status"] == "interrupted" and 3 <= stopped < steps, (meta, out[-3000:])
+    assert [p.name for p in (run / "checkpoints").glob("checkpoint-*")] == [f"checkpoint-{stopped}"]
+    assert out.count("stopping after this step") == 1 and "Traceback" not in out, out[-3000:]
+
+    out = tuneforge("train", str(run / "config.yaml"), "train.resume_from_checkpoint=auto",
+                    f"distributed.master_port={free_port()}").stdout
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["status"] == "completed" and meta["global_step"] == steps, out[-3000:]
+    by_step = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            by_step[record["step"]] = record["loss"]
+    uninterrupted = losses(tmp_path / "whole")
+    assert sorted(by_step) == list(range(1, steps + 1)) and len(uninterrupted) == steps
+    assert [by_step[s] for s in range(1, steps + 1)] == pytest.approx(uninterrupted, rel=TOLERANCE), stopped
