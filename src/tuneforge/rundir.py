@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tuneforge.config import TuneForgeConfig, dump_config, load_config
 from tuneforge.errors import ConfigError
-from tuneforge.ranks import is_main
+from tuneforge.ranks import is_main, world_size
 
 META = "run.json"
 CHECKPOINT_DONE = "tuneforge_checkpoint.json"  # written last into a checkpoint: it is complete
@@ -98,6 +98,11 @@ def _step(folder: Path) -> int | None:
     return int(tail) if folder.name.startswith("checkpoint-") and tail.isdigit() else None
 
 
+def ppo_rng_file() -> str:
+    """The file with this process's random state in a PPO checkpoint (one per process when several train)."""
+    return f"rng_state_{os.environ.get('RANK', '0')}.pth" if world_size() > 1 else "rng_state.pth"
+
+
 def checkpoint_problems(folder: Path) -> list[str]:
     """What a checkpoint lacks to be resumed from exactly (empty when it is complete)."""
     folder = Path(folder)
@@ -105,7 +110,11 @@ def checkpoint_problems(folder: Path) -> list[str]:
         return ["it is not a folder"]
     names = {p.name for p in folder.iterdir()}
     if "ppo_state.json" in names or "trainable.safetensors" in names:  # a PPO checkpoint
-        needed = ["trainable.safetensors", "ppo_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"]
+        needed = ["trainable.safetensors", "ppo_state.json", "optimizer.pt", "scheduler.pt", ppo_rng_file()]
+        states = sorted(n for n in names if n.startswith("rng_state"))
+        if ppo_rng_file() not in names and states:
+            return [f"it was written by {len(states) if states != ['rng_state.pth'] else 1} training process(es), "
+                    f"this run has {world_size()}; resume with the same distributed.nproc_per_node"]
     else:
         weights = {"adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json"}
         needed = ["trainer_state.json", "optimizer.pt", "scheduler.pt"]

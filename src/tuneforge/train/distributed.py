@@ -14,9 +14,10 @@ from tuneforge.ranks import is_main, launched, world_size
 def init_processes() -> None:
     """Join the process group early (gloo on CPUs, nccl on GPUs), so that data preparation can take turns."""
     if world_size() > 1:
+        import torch
         from accelerate import PartialState
 
-        PartialState()
+        PartialState(cpu=not torch.cuda.is_available())  # accelerate asks to be told: CPUs only (gloo)
 
 
 def _group():

@@ -7,6 +7,11 @@ clipped updates. Log-probabilities are those of the sampling distribution, softm
 policy, the old policy and the reference alike (as TRL computes them). Devices come from accelerate.
 Checkpoints hold everything needed to continue exactly: trainable weights, value head, optimizer, schedule,
 step, prompt order and random states (`ppo_checkpoint.py`).
+
+With several processes (torchrun / accelerate launch), each process writes answers for its own `batch_size`
+prompts of the step's global batch, the policy and value head are wrapped in the Trainer's DDP by accelerate (their
+gradients averaged), and the statistics that span the batch are taken over every process: advantage whitening,
+the token counts the losses divide by, and the logged reward, KL and losses. Rank 0 writes the run directory.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ from tuneforge.errors import ConfigError
 from tuneforge.model.heads import ValueHead
 from tuneforge.model.reward import RewardModel
 from tuneforge.model.scoring import forward_at, token_logprobs, unwrap
+from tuneforge.ranks import is_main
 from tuneforge.rundir import RunDir
 from tuneforge.train.callbacks import GracefulStop, NonFiniteGuard, plot_loss, stop_if_diverged
 from tuneforge.train.ppo_checkpoint import PPOState, load_ppo_checkpoint, save_ppo_checkpoint
+from tuneforge.train.distributed import all_sum
 from tuneforge.train.ppo_losses import gae, ppo_policy_loss, ppo_value_loss, token_rewards, whiten
 
 
@@ -59,8 +66,9 @@ def run_ppo(cfg, model, prepared, run: RunDir, ref_model=None, reward=None, chec
     if tokenizer_fingerprint(reward.tokenizer) != tokenizer_fingerprint(prepared.tokenizer):
         raise ConfigError(f"method.reward_model: {m.reward_model} uses another tokenizer than the policy; "
                           "train the reward model from the same base model")
-    torch.manual_seed(t.seed)
     accelerator = Accelerator()
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(t.seed + rank)  # each process samples its own answers
     value_head = ValueHead(model.config.hidden_size)
     params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -71,19 +79,24 @@ def run_ppo(cfg, model, prepared, run: RunDir, ref_model=None, reward=None, chec
     if ref_model is not None:
         ref_model.to(accelerator.device)
     reward.model.to(accelerator.device)
-    state = PPOState(rng=random.Random(t.seed))
+    state = PPOState(rng=random.Random(t.seed))  # the same prompt order in every process
     if checkpoint:
-        state = load_ppo_checkpoint(checkpoint, accelerator.unwrap_model(model), value_head, optimizer, scheduler)
-        print(f"tuneforge: ppo continues after step {state.step} from {checkpoint}", flush=True)
+        state = load_ppo_checkpoint(checkpoint, accelerator.unwrap_model(model), accelerator.unwrap_model(value_head),
+                                    optimizer, scheduler)
+        if is_main():
+            print(f"tuneforge: ppo continues after step {state.step} from {checkpoint}", flush=True)
     guard = NonFiniteGuard(t.non_finite_patience)
     guard.attach(params, optimizer)
     tokenizer, stop = prepared.tokenizer, GracefulStop()
     sampler = Sampler(tokenizer, stop_token_ids(tokenizer, prepared.template.stop) or [tokenizer.eos_token_id], m)
     stop.on_train_begin(None, None, None)
-    for step in tqdm(range(state.step + 1, steps + 1), desc="ppo", unit="step", initial=state.step, total=steps):
-        if len(state.order) < t.batch_size:
+    width = t.batch_size * processes  # the step's global batch; this process takes its share
+    for step in tqdm(range(state.step + 1, steps + 1), desc="ppo", unit="step", initial=state.step, total=steps,
+                     disable=not is_main()):
+        while len(state.order) < width:
             state.order += state.rng.sample(range(len(prompts)), len(prompts))
-        batch, state.order = [list(prompts[i]) for i in state.order[: t.batch_size]], state.order[t.batch_size:]
+        mine = state.order[rank * t.batch_size: (rank + 1) * t.batch_size]
+        batch, state.order = [list(prompts[i]) for i in mine], state.order[width:]
         clock = time.perf_counter()
         rollout = collect(accelerator.unwrap_model(model), value_head, ref_model, reward, batch, sampler,
                           accelerator.device)
@@ -93,22 +106,25 @@ def run_ppo(cfg, model, prepared, run: RunDir, ref_model=None, reward=None, chec
         stats.update(step=step, learning_rate=scheduler.get_last_lr()[0],
                      seconds_per_step=round(time.perf_counter() - clock, 2))
         state.history.append({k: stats[k] for k in ("reward", "kl")})
-        if step % t.logging_steps == 0 or step == 1 or step == steps:
+        if is_main() and (step % t.logging_steps == 0 or step == 1 or step == steps):
             _log(run, stats, cfg.output.plot_loss)
         if guard.check(step):
             break
-        if step % t.save_steps == 0 or stop.requested:
-            save_ppo_checkpoint(run.checkpoints, state, accelerator.unwrap_model(model), value_head, optimizer,
-                                scheduler, t.save_total_limit)
-        if stop.requested:
+        stopping = stop.sync()
+        if step % t.save_steps == 0 or stopping:
+            save_ppo_checkpoint(run.checkpoints, state, accelerator.unwrap_model(model),
+                                accelerator.unwrap_model(value_head), optimizer, scheduler, t.save_total_limit)
+        if stopping:
             break
     stop.on_train_end(None, None, None)
     stop_if_diverged(guard, run, cfg)
     status = "interrupted" if stop.requested else "completed"
     policy = accelerator.unwrap_model(model)
     target = run.path / ("adapter" if cfg.method.adapter.type == "lora" else "model")
-    policy.save_pretrained(target)
-    tokenizer.save_pretrained(target)
+    if is_main():
+        policy.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+    accelerator.wait_for_everyone()
     history = state.history or [{"reward": float("nan"), "kl": float("nan")}]
     head = max(1, len(history) // 4)
     metrics = {"reward_first_quarter": sum(h["reward"] for h in history[:head]) / head,
@@ -205,19 +221,28 @@ def answer_logprobs(model, value_head, ids, attention, positions, mask, answer_i
 
 
 def update(model, value_head, optimizer, accelerator, r: Rollout, m, params, max_grad_norm) -> dict:
+    """`ppo_epochs` clipped updates on one rollout. With several processes, each holds a shard of the step's
+    batch: whitening uses every process's tokens, and each loss divides by the mean token count per process, so
+    the gradients DDP averages are those of the mean over all tokens."""
     rewards, kl = token_rewards(r.scores, r.logprobs, r.ref_logprobs, r.mask, m.kl_coef)
     advantages, returns = gae(rewards, r.values, r.mask, m.gamma, m.lam)
-    advantages = whiten(advantages, r.mask)
+    advantages = whiten(advantages, r.mask, total=all_sum)
+    processes = accelerator.num_processes
+    (tokens,) = all_sum([float(r.mask.sum())])
     for _ in range(m.ppo_epochs):
         logprobs, values = answer_logprobs(model, value_head, r.input_ids, r.attention_mask, r.positions, r.mask,
                                            r.answer_ids, m.temperature)
-        policy_loss = ppo_policy_loss(logprobs, r.logprobs, advantages, r.mask, m.clip_range)
-        value_loss = ppo_value_loss(values, r.values, returns, r.mask, m.value_clip)
+        policy_loss = ppo_policy_loss(logprobs, r.logprobs, advantages, r.mask, m.clip_range, tokens / processes)
+        value_loss = ppo_value_loss(values, r.values, returns, r.mask, m.value_clip, tokens / processes)
         loss = policy_loss + m.vf_coef * value_loss
         accelerator.backward(loss)
         if max_grad_norm:
             accelerator.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
-    return {"loss": loss.item(), "policy_loss": policy_loss.item(), "value_loss": value_loss.item(),
-            "reward": float(r.scores.mean()), "kl": float(kl.mean()), "answer_tokens": float(r.mask.sum(1).mean())}
+    rows = len(r.scores)
+    totals = all_sum([loss.item(), policy_loss.item(), value_loss.item(), float(r.scores.sum()), float(kl.sum()),
+                      float(r.mask.sum()), rows])
+    loss_, policy_, value_, reward, kl_sum, answer, rows = totals
+    return {"loss": loss_ / processes, "policy_loss": policy_ / processes, "value_loss": value_ / processes,
+            "reward": reward / rows, "kl": kl_sum / rows, "answer_tokens": answer / rows}

@@ -2,7 +2,7 @@
 
 checkpoint-<step>/ holds `trainable.safetensors` (the policy's trainable weights and the value head),
 `optimizer.pt` and `scheduler.pt` (state dicts, read back with `weights_only=True`), `rng_state.pth` (torch's
-random state) and `ppo_state.json` (step, the remaining prompt order, the prompt sampler's state, the reward/KL
+random state; `rng_state_<rank>.pth`, one per process, when several processes train) and `ppo_state.json` (step, the remaining prompt order, the prompt sampler's state, the reward/KL
 history). It is written under a temporary name and renamed into place when complete, so a kill during the
 save never leaves a half-written checkpoint behind the newest name.
 """
@@ -19,7 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tuneforge.errors import ConfigError
-from tuneforge.rundir import mark_checkpoint_complete
+from tuneforge.ranks import is_main
+from tuneforge.rundir import mark_checkpoint_complete, ppo_rng_file
+from tuneforge.train.distributed import barrier
 
 WEIGHTS, STATE = "trainable.safetensors", "ppo_state.json"
 VALUE_PREFIX = "value_head."
@@ -40,15 +42,22 @@ def _trainable(model, value_head) -> dict[str, torch.Tensor]:
 
 
 def save_ppo_checkpoint(folder: Path, state: PPOState, model, value_head, optimizer, scheduler, keep: int) -> Path:
+    """Called by every process: each writes its random state, rank 0 everything else (the weights and optimizer
+    state are the same in every process)."""
     target = Path(folder) / f"checkpoint-{state.step}"
     partial = target.with_name(target.name + ".tmp")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    if is_main():
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier()
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, partial / ppo_rng_file())
+    barrier()
+    if not is_main():
+        return target
     save_file(_trainable(model, value_head), str(partial / WEIGHTS))
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
     torch.save(scheduler.state_dict(), partial / "scheduler.pt")
-    torch.save({"cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, partial / "rng_state.pth")
     version, internal, gauss = state.rng.getstate()
     (partial / STATE).write_text(json.dumps({"step": state.step, "order": state.order, "history": state.history,
                                              "rng": [version, list(internal), gauss]}), encoding="utf-8")
@@ -68,7 +77,7 @@ def _rotate(folder: Path, keep: int) -> None:
 
 def load_ppo_checkpoint(folder: str | Path, model, value_head, optimizer, scheduler) -> PPOState:
     folder = Path(folder)
-    missing = [name for name in (WEIGHTS, STATE, "optimizer.pt", "scheduler.pt", "rng_state.pth")
+    missing = [name for name in (WEIGHTS, STATE, "optimizer.pt", "scheduler.pt", ppo_rng_file())
                if not (folder / name).is_file()]
     if missing:
         raise ConfigError(f"train.resume_from_checkpoint: {folder} is not a complete PPO checkpoint (missing "
@@ -87,7 +96,7 @@ def load_ppo_checkpoint(folder: str | Path, model, value_head, optimizer, schedu
     value_head.load_state_dict(values)
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    rng = torch.load(folder / "rng_state.pth", weights_only=True)
+    rng = torch.load(folder / ppo_rng_file(), weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

@@ -36,23 +36,28 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, advantages + values
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = (x * mask).sum() / mask.sum()
-    var = (((x - mean) * mask) ** 2).sum() / mask.sum()
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+def whiten(x: torch.Tensor, mask: torch.Tensor, total=list) -> torch.Tensor:
+    """(x - mean) / std over the real tokens. `total` sums a list of floats over every training process (the
+    whole batch's statistics when each process holds a shard of it; the default: this process's tokens only)."""
+    count, summed = total([float(mask.sum()), float((x * mask).sum())])
+    mean = summed / count
+    (squares,) = total([float((((x - mean) * mask) ** 2).sum())])
+    return (x - mean) * torch.rsqrt(torch.tensor(squares / count + 1e-8, dtype=x.dtype)) * mask
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, clip: float) -> torch.Tensor:
-    """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1 - c, 1 + c)), r = pi / pi_old."""
+                    mask: torch.Tensor, clip: float, count: float | None = None) -> torch.Tensor:
+    """Clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1 - c, 1 + c)), r = pi / pi_old. `count`: the
+    number of tokens to divide by (default: this batch's; with several processes, the mean count per process, so
+    that averaging the processes' gradients gives the mean over every token)."""
     ratio = torch.exp(logprobs - old_logprobs)
     loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
-    return (loss * mask).sum() / mask.sum()
+    return (loss * mask).sum() / (mask.sum() if count is None else count)
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                   clip: float) -> torch.Tensor:
-    """Clipped value loss: 0.5 mean of max((v - R)^2, (v_clipped - R)^2)."""
+                   clip: float, count: float | None = None) -> torch.Tensor:
+    """Clipped value loss: 0.5 mean of max((v - R)^2, (v_clipped - R)^2); `count` as in ppo_policy_loss."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = torch.max((values - returns) ** 2, (clipped - returns) ** 2)
-    return 0.5 * (loss * mask).sum() / mask.sum()
+    return 0.5 * (loss * mask).sum() / (mask.sum() if count is None else count)

@@ -25,17 +25,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def config(tmp_path, tiny_model_dir, name, stage="sft", **train):
+def config(tmp_path, tiny_model_dir, name, stage="sft", method=None, **train):
     data = {"dataset": "identity", "dataset_dir": str(REPO / "data"), "cutoff_len": 128, "max_samples": 32,
             "placeholders": {"name": "Tiny", "author": "Tests"}}
     if stage == "kto":
         data = {"dataset": "kto_en_demo", "dataset_dir": str(REPO / "tests" / "assets" / "llamafactory"),
                 "cutoff_len": 128, "max_samples": 32, "overlong": "truncate_answer"}
-    if stage == "dpo":
+    if stage in ("dpo", "rm"):
         data = {"dataset": "dpo_en_demo", "dataset_dir": str(REPO / "data"), "cutoff_len": 128, "max_samples": 32,
                 "overlong": "truncate_answer"}
     cfg = {"model": {"name_or_path": str(tiny_model_dir), "cache_dir": str(tmp_path / "cache")}, "data": data,
-           "method": {"stage": stage, "adapter": {"type": "lora", "rank": 4, "alpha": 8}},
+           "method": {"stage": stage, "adapter": {"type": "lora", "rank": 4, "alpha": 8}, **(method or {})},
            "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1, "save_steps": 100,
                      "group_by_length": False, **train},
            "output": {"run_dir": str(tmp_path / name)}}
@@ -118,3 +118,35 @@ def test_an_interrupted_two_process_run_resumes_to_the_same_losses(tmp_path, tin
     uninterrupted = losses(tmp_path / "whole")
     assert sorted(by_step) == list(range(1, steps + 1)) and len(uninterrupted) == steps
     assert [by_step[s] for s in range(1, steps + 1)] == pytest.approx(uninterrupted, rel=TOLERANCE), stopped
+
+
+def test_ppo_in_two_processes_follows_the_single_process_run(tmp_path, tiny_model_dir):
+    """Each process writes answers for its half of the prompts; whitening, token counts and the logged figures
+    span both halves. Sampling is made greedy (top_p near 0) so that both runs see the same answers."""
+    tuneforge("train", str(config(tmp_path, tiny_model_dir, "reward", "rm", max_steps=2)))
+    method = {"reward_model": str(tmp_path / "reward"), "max_new_tokens": 6, "top_p": 1e-6, "ppo_epochs": 2}
+    one = config(tmp_path, tiny_model_dir, "one", "ppo", method, max_steps=4)
+    two = config(tmp_path, tiny_model_dir, "two", "ppo", method, max_steps=4, batch_size=2, save_steps=2)
+    tuneforge("train", str(one))
+    out = tuneforge("train", str(two), "distributed.nproc_per_node=2", f"distributed.master_port={free_port()}")
+    assert out.stdout.count("tuneforge: completed; run directory") == 1
+    saved = tmp_path / "two" / "checkpoints" / "checkpoint-2"
+    assert sorted(p.name for p in saved.glob("rng_state*")) == ["rng_state_0.pth", "rng_state_1.pth"]
+    # continuing from step 2 in two processes gives steps 3 and 4 again
+    tuneforge("train", str(two), "distributed.nproc_per_node=2", f"distributed.master_port={free_port()}",
+              f"output.run_dir={tmp_path / 'again'}", f"train.resume_from_checkpoint={saved}")
+    read = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    single, double = read("one"), read("two")
+    assert [m["step"] for m in single] == [m["step"] for m in double] == [1, 2, 3, 4]
+    for key in ("loss", "policy_loss", "value_loss", "reward", "kl", "answer_tokens"):
+        assert [m[key] for m in double] == pytest.approx([m[key] for m in single], rel=1e-3, abs=1e-5), key
+    assert single[0]["loss"] != single[-1]["loss"]
+    again = read("again")
+    assert [m["step"] for m in again] == [3, 4]
+    for key in ("loss", "reward", "kl"):
+        assert [m[key] for m in again] == pytest.approx([m[key] for m in double[2:]], rel=1e-5, abs=1e-7), key
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)

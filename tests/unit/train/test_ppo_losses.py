@@ -55,3 +55,26 @@ def test_clipped_value_loss_and_whiten():
     assert got.item() == pytest.approx(0.5 * max((1 - 2) ** 2, (0.5 - 2) ** 2))
     w = whiten(torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
     assert w[0, :3].mean().item() == pytest.approx(0.0, abs=1e-6) and w[0, 3].item() == 0.0
+
+
+def test_whitening_over_shards_equals_whitening_the_whole_batch():
+    """With several processes each holds a shard; `total` sums the statistics over them (here: by hand)."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, 5), (torch.rand(4, 5) > 0.3).float()
+    shards = [(x[:2], mask[:2]), (x[2:], mask[2:])]
+    partial = {0: [], 1: []}  # each call's per-shard lists, summed element-wise across both shards
+
+    def total_of(index):
+        def total(values):
+            partial[index].append(values)
+            other = 1 - index
+            mine = len(partial[index]) - 1
+            xs, ms = shards[other]
+            peer = ([float(ms.sum()), float((xs * ms).sum())] if mine == 0 else
+                    [float((((xs - mean_of_both) * ms) ** 2).sum())])
+            return [a + b for a, b in zip(values, peer)]
+        return total
+
+    mean_of_both = float((x * mask).sum() / mask.sum())
+    got = torch.cat([whiten(*shards[0], total=total_of(0)), whiten(*shards[1], total=total_of(1))])
+    torch.testing.assert_close(got, whiten(x, mask), rtol=1e-5, atol=1e-6)
