@@ -173,7 +173,7 @@ def _train(args) -> int:
     from tuneforge.train.distributed import relaunch_command
     from tuneforge.train.run import train
 
-    command = relaunch_command(load_config(args.config, args.overrides).distributed,
+    command = relaunch_command(load_config(args.config, args.overrides),
                                ["train", args.config, *args.overrides])
     if command:
         return _run_launcher(command)

@@ -165,6 +165,10 @@ class DataConfig(Strict):
         return v
 
 
+FSDP_WORDS = ("full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2", "no_shard", "offload",
+              "auto_wrap")
+
+
 class TrainConfig(Strict):
     num_epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
@@ -211,8 +215,41 @@ class TrainConfig(Strict):
     neftune_alpha: float | None = Field(
         None, gt=0, description="NEFTune: uniform noise of this scale on the input embeddings while training (try 5)."
     )
+    deepspeed: str | None = Field(
+        None, description="A DeepSpeed config (JSON) to train with: ZeRO-2 or ZeRO-3, optionally offloading to the "
+        "CPU (examples/deepspeed/). Needs the deepspeed package; use with distributed.nproc_per_node.")
+    fsdp: str | None = Field(
+        None, description="PyTorch FSDP through the Trainer: `full_shard auto_wrap` shards weights, gradients and "
+        "optimizer state (like ZeRO-3), `shard_grad_op auto_wrap` gradients and optimizer state (like ZeRO-2); add "
+        "`offload` to keep weights on the CPU. Needs GPUs.")
+    fsdp_config: str | None = Field(
+        None, description="FSDP settings (a JSON file of transformers' fsdp_config keys); FSDP2 unless it says "
+        '`"fsdp_version": 1`.')
 
     _split = field_validator("report_to", mode="before")(_split_names)
+
+    @field_validator("fsdp")
+    @classmethod
+    def _fsdp_words(cls, value: str | None) -> str | None:
+        words = (value or "").split()
+        unknown = [w for w in words if w not in FSDP_WORDS]
+        if unknown:
+            raise ValueError(f"unknown FSDP option {' '.join(unknown)!r}; combine {', '.join(FSDP_WORDS)} "
+                             "(e.g. `full_shard auto_wrap`)")
+        if words and not set(words) & {"full_shard", "shard_grad_op", "hybrid_shard", "hybrid_shard_zero2",
+                                       "no_shard"}:
+            raise ValueError("say how to shard: full_shard, shard_grad_op, hybrid_shard, hybrid_shard_zero2 or "
+                             "no_shard (e.g. `full_shard auto_wrap`)")
+        return " ".join(words) or None
+
+    @model_validator(mode="after")
+    def _one_engine(self) -> "TrainConfig":
+        if self.deepspeed and self.fsdp:
+            raise ValueError("train.deepspeed and train.fsdp: choose one engine (set the other to empty)")
+        if self.fsdp_config and not self.fsdp:
+            raise ValueError("train.fsdp_config is set but train.fsdp is empty; set train.fsdp (e.g. `full_shard "
+                             "auto_wrap`)")
+        return self
 
     @field_validator("optim")
     @classmethod

@@ -122,7 +122,8 @@ class NonFiniteGuard(TrainerCallback):
     def attach(self, params: list, optimizer) -> None:
         self._params = list(params)
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-        inner.register_step_pre_hook(self._before_step)
+        if hasattr(inner, "register_step_pre_hook"):  # not DeepSpeed's: its engine keeps the gradients itself
+            inner.register_step_pre_hook(self._before_step)
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         self.drop_non_finite_gradients()

@@ -6,9 +6,13 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 
+import torch
+
 from tuneforge.config import TuneForgeConfig, load_config
 from tuneforge.model.adapters import ParamCount
 from tuneforge.rundir import prepare_run_dir
+from tuneforge.train.distributed import processes_per_node
+from tuneforge.train.engines import engine_of, per_device, suggestion
 from tuneforge.train.estimate import (GIB, Measurement, MemoryEstimate, available_memory, estimate_memory,
                                       peak_memory)
 from tuneforge.train.prepare import Prepared, build_model, build_reference, count_trainable, prepare
@@ -35,10 +39,23 @@ def check(config, overrides: list[str] = (), measure_steps: int = 0) -> CheckRes
     lines = [format_data_report(prepared),
              f"method: stage {cfg.method.stage}, adapter {cfg.method.adapter.type}; {params}",
              f"memory estimate: {memory}; {free / GIB:.1f} GiB {where}"]
-    if memory.total > free:
-        lines.append("warning: the run will probably not fit. hint: lower train.batch_size (raise "
-                     "train.gradient_accumulation_steps to keep the effective batch), lower data.cutoff_len, turn on "
-                     "train.gradient_checkpointing, or use LoRA")
+    need = memory.total
+    engine, on_gpu = engine_of(cfg.train), torch.cuda.is_available()
+    local = processes_per_node(cfg.distributed.nproc_per_node)
+    processes = local * cfg.distributed.nnodes
+    if processes > 1 or engine.name != "DDP":
+        device = per_device(memory, engine, processes)
+        lines.append(f"with {engine.name}: {device}")
+        # GPUs: each process has its own device; CPUs: the processes of this machine share its memory
+        need = device.total if on_gpu else (device.total + device.offloaded) * local
+        if not on_gpu and local > 1:
+            lines.append(f"  the {local} processes on this machine share its memory: "
+                         f"~{need / GIB:.2f} GiB together")
+    if need > free:
+        switch = suggestion(memory, processes, free, shared=not on_gpu) if engine.shards < 3 else None
+        lines.append("warning: the run will probably not fit. hint: " + (f"shard it with {switch}, or " if switch
+                     else "") + "lower train.batch_size (raise train.gradient_accumulation_steps to keep the "
+                     "effective batch), lower data.cutoff_len, turn on train.gradient_checkpointing, or use LoRA")
     measured = None
     if measure_steps and cfg.method.stage != "ppo":
         measured = measure(cfg, prepared, measure_steps)

@@ -82,13 +82,15 @@ def processes_per_node(value) -> int:
     return int(value)
 
 
-def relaunch_command(distributed, argv: list[str]) -> list[str] | None:
-    """The torchrun command that runs `tuneforge ARGV` in several processes, or None when this process should
-    train itself (one process asked for, or already started by a launcher)."""
+def relaunch_command(cfg, argv: list[str]) -> list[str] | None:
+    """The torchrun command that runs `tuneforge ARGV` in several processes (or in one, for DeepSpeed, which
+    expects a launcher), or None when this process should train itself (one process asked for, or already started
+    by a launcher)."""
     if launched():
         return None
+    distributed = cfg.distributed
     n = processes_per_node(distributed.nproc_per_node)
-    if n <= 1 and distributed.nnodes <= 1:
+    if n <= 1 and distributed.nnodes <= 1 and not cfg.train.deepspeed:
         return None
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--nnodes={distributed.nnodes}",
             f"--node_rank={distributed.node_rank}", f"--master_addr={distributed.master_addr}",

@@ -39,6 +39,8 @@ class MemoryEstimate:
     activations: int
     overhead: int
     tokens: int  # tokens in the largest forward pass
+    offloaded: int = 0  # moved to CPU memory by the engine (not in total)
+    engine: str = ""  # set for a per-device estimate under an engine (engines.per_device)
 
     @property
     def total(self) -> int:
@@ -47,7 +49,10 @@ class MemoryEstimate:
     def __str__(self) -> str:
         parts = ", ".join(f"{name} {getattr(self, name) / GIB:.2f}" for name in
                           ("weights", "gradients", "optimizer", "activations", "overhead"))
-        return f"~{self.total / GIB:.2f} GiB peak ({parts} GiB; {self.tokens:,} tokens in the largest batch)"
+        where = f" per process ({self.engine})" if self.engine else ""
+        moved = f"; {self.offloaded / GIB:.2f} GiB offloaded to CPU memory" if self.offloaded else ""
+        return (f"~{self.total / GIB:.2f} GiB peak{where} ({parts} GiB; {self.tokens:,} tokens in the largest "
+                f"batch{moved})")
 
 
 def estimate_memory(cfg: TuneForgeConfig, model_config, params: ParamCount, longest: int,

@@ -19,6 +19,7 @@ from tuneforge.model.integrity import verify_weight_folder
 from tuneforge.model.loader import (ModelSource, add_new_tokens, check_kernels, default_cache_dir, fit_vocabulary,
                                    load_model, load_tokenizer, new_token_ids, quantization_config, resolve_dtype,
                                    resolve_model)
+from tuneforge.train.engines import check_engine
 from tuneforge.train.optimizers import check_optimizer_installed
 
 
@@ -44,6 +45,7 @@ def check_trackers(report_to: list[str]) -> None:
 
 
 def prepare(cfg: TuneForgeConfig) -> Prepared:
+    check_engine(cfg)
     check_trackers(cfg.train.report_to)
     check_optimizer_installed(getattr(cfg.method.adapter, "optimizer", None))
     check_kernels(cfg.model.attention, cfg.train.liger_kernel)

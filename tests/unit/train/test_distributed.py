@@ -150,3 +150,44 @@ def test_ppo_in_two_processes_follows_the_single_process_run(tmp_path, tiny_mode
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+
+
+@pytest.mark.parametrize("engine", ["ds_z2", "ds_z3_offload"])
+def test_deepspeed_in_two_processes_follows_the_single_process_losses(tmp_path, tiny_model_dir, engine):
+    """DeepSpeed ZeRO through the Trainer, on DeepSpeed's CPU accelerator: ZeRO-2 shards gradients and optimizer
+    states; ZeRO-3 with offload also shards the weights and keeps them and the optimizer in CPU memory."""
+    one = config(tmp_path, tiny_model_dir, "one")
+    two = config(tmp_path, tiny_model_dir, "two", batch_size=2,
+                 deepspeed=str(REPO / "examples" / "deepspeed" / f"{engine}.json"))
+    tuneforge("train", str(one))
+    out = tuneforge("train", str(two), "distributed.nproc_per_node=2", f"distributed.master_port={free_port()}")
+    assert out.stdout.count("tuneforge: completed; run directory") == 1
+    single, double = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(double) == 6 and double == pytest.approx(single, rel=TOLERANCE), (single, double)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))  # gathered from the shards
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and (a[k] - b[k]).abs().max() < 1e-4 for k in a)
+
+
+def test_full_training_under_zero3_saves_whole_weights_that_export(tmp_path, tiny_model_dir):
+    """ZeRO-3 holds a shard of every weight in each process; the saved model is whole (equal to one process's
+    training) and `tuneforge export` turns the run into a model folder."""
+    full = {"method.adapter.type=full", "train.learning_rate=1e-4"}
+    one = config(tmp_path, tiny_model_dir, "one")
+    two = config(tmp_path, tiny_model_dir, "two", batch_size=2,
+                 deepspeed=str(REPO / "examples" / "deepspeed" / "ds_z3.json"))
+    tuneforge("train", str(one), *full)
+    tuneforge("train", str(two), *full, "distributed.nproc_per_node=2", f"distributed.master_port={free_port()}")
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=TOLERANCE)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and (a[k] - b[k]).abs().max() < 1e-5 for k in a)
+    tuneforge("export", str(tmp_path / "two"), "--out", str(tmp_path / "exported"))
+    import torch
+
+    exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    assert exported.keys() == b.keys() and all(torch.equal(exported[k], b[k]) for k in b)
