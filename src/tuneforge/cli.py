@@ -203,7 +203,7 @@ def _run_launcher(command: list[str]) -> int:
 
     import psutil
 
-    print(f"tuneforge: training in several processes: {' '.join(command[2:])}", flush=True)
+    print(f"tuneforge: training under torchrun: {' '.join(command[2:])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="tuneforge-launch-") as folder:
         status = Path(folder) / "status"
         launcher = subprocess.Popen(command, start_new_session=True, env={**os.environ, STATUS_FILE: str(status)})

@@ -94,6 +94,9 @@ class DataConfig(Strict):
     )
     train_on_prompt: bool = Field(False, description="Also compute the loss on prompt tokens.")
     mask_history: bool = Field(False, description="Train only on the last assistant turn of each conversation.")
+    enable_thinking: bool = Field(
+        True, description="Reasoning templates (qwen3, deepseekr1, gpt_oss, ...): false trains without thoughts "
+        "(empty thought blocks in the prompt) and the run answers without them (LLaMA-Factory's enable_thinking).")
     default_system: str | None = Field(
         None, description="System prompt for rows that have none (else the template's own default)."
     )

@@ -143,7 +143,10 @@ def _split_turns(template, tokenizer, messages, tools, cutoff_len, train_on_prom
         source, target = kept[i]
         supervised = train_on_prompt or not mask_history or i == last_kept
         out_ids += source + target
-        labels += (source if train_on_prompt else [IGNORE] * len(source)) + (target if supervised else
+        taught = list(target)
+        if getattr(spans[i], "eos_label", False) and len(target) == len(turns[i][1]):  # see template.Span
+            taught[-1] = tokenizer.eos_token_id
+        labels += (source if train_on_prompt else [IGNORE] * len(source)) + (taught if supervised else
                                                                                [IGNORE] * len(target))
     if all(label == IGNORE for label in labels):
         raise Overlong("no answer tokens left within cutoff_len")
@@ -160,11 +163,13 @@ def _tokenize(template, tokenizer, messages, tools, train_on_prompt, mask_histor
         spans = spans[-1:]
     labels = [IGNORE] * len(ids)
     k = 0
-    for j, (start, _end) in enumerate(offsets):
+    for j, (start, end) in enumerate(offsets):
         while k < len(spans) and start >= spans[k][1]:
             k += 1
         if k < len(spans) and spans[k][0] <= start < spans[k][1]:
             labels[j] = ids[j]
+            if getattr(spans[k], "eos_label", False) and end == spans[k][1]:  # the next turn's first token
+                labels[j] = tokenizer.eos_token_id
     return ids, labels
 
 

@@ -275,6 +275,8 @@ def _cache_key(conversion: Conversion, stage, tokenizer, template: ChatTemplate,
     settings = {"v": ENCODING_VERSION, "stage": stage, "template": template.jinja, "cutoff": cfg.cutoff_len,
                 "train_on_prompt": cfg.train_on_prompt, "mask_history": cfg.mask_history,
                 "overlong": cfg.overlong, "tokenizer": tokenizer_fingerprint(tokenizer)}
+    if not template.thinking:
+        settings["thinking"] = False
     h.update(json.dumps(settings, sort_keys=True).encode())
     for e in conversion.examples:  # every field that reaches the tokens: a swapped pair or flipped KTO tag counts
         fields = {k: v for k, v in dataclasses.asdict(e).items() if k != "where"}

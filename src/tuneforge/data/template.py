@@ -25,13 +25,22 @@ class ChatTemplate:
     name: str
     jinja: str
     stop: tuple[str, ...] = field(default=())
+    thinking: bool = True  # False: reasoning templates render without thoughts (data.enable_thinking)
+    eos_ends_earlier_answers: bool = False  # the token after an earlier answer learns end-of-text (see Span)
+
+    @property
+    def saved_jinja(self) -> str:
+        """The template a run saves with its tokenizer: with thinking off, the setting is written into it, so that
+        chat, the API and exports answer as the run was trained."""
+        return self.jinja if self.thinking else "{%- set enable_thinking = false -%}\n" + self.jinja
 
     def render(self, tokenizer, messages: list[dict], tools: list | None = None,
                add_generation_prompt: bool = False) -> str:
         if tools and not uses_tools(self.jinja):  # the tool format's fallback: tools in the system message
             messages, tools = tools_into_system(messages, tools), None
+        extra = {} if self.thinking else {"enable_thinking": False}  # the variable Qwen3-style templates read
         return tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=self.jinja,
-                                             add_generation_prompt=add_generation_prompt, tokenize=False)
+                                             add_generation_prompt=add_generation_prompt, tokenize=False, **extra)
 
 
 def stop_token_ids(tokenizer, stop) -> list[int]:
@@ -81,7 +90,21 @@ def resolve_template(name: str, tokenizer) -> tuple[ChatTemplate, str | None]:
                           f"{', '.join(names)}, or {LLAMAFACTORY_PREFIX}NAME for LLaMA-Factory's rendering of NAME")
     entry = table[name]
     stop = list(entry.get("stop", [])) + ([tokenizer.eos_token] if tokenizer.eos_token else [])
-    return ChatTemplate(name, entry["jinja"], tuple(dict.fromkeys(stop))), note
+    return ChatTemplate(name, entry["jinja"], tuple(dict.fromkeys(stop)),
+                        eos_ends_earlier_answers=entry.get("eos_ends_earlier_answers", False)), note
+
+
+class Span(tuple):
+    """(start, end) characters of an answer. `eos_label`: its last token is the next turn's first token, which is
+    trained to predict end-of-text instead of itself (templates that end only the last answer with it)."""
+
+    eos_label = False
+
+    @classmethod
+    def ending_in_eos(cls, start: int, end: int) -> "Span":
+        span = cls((start, end))
+        span.eos_label = True
+        return span
 
 
 def detect_stop_strings(jinja: str, tokenizer) -> list[str]:
@@ -120,10 +143,7 @@ def render_with_spans(template: ChatTemplate, tokenizer, messages: list[dict],
             before = template.render(tokenizer, messages[:i], tools, add_generation_prompt=True)
             through = template.render(tokenizer, messages[: i + 1], tools)
             if not (through.startswith(before) and full.startswith(through)):
-                raise DataError(
-                    f"template {template.name!r} rewrites earlier turns when a turn is added, so answers cannot "
-                    "be located for the loss mask. hint: set model.template to a built-in template (e.g. chatml)"
-                )
+                return full, _turnwise_spans(template, tokenizer, messages, tools, full)
             spans.append((len(before), len(through)))
     except DataError:
         raise
@@ -131,3 +151,42 @@ def render_with_spans(template: ChatTemplate, tokenizer, messages: list[dict],
         raise DataError(f"template {template.name!r} failed on this conversation: {exc}. hint: templates differ "
                         "in the roles they accept; try model.template: chatml") from None
     return full, spans
+
+
+def _turnwise_spans(template: ChatTemplate, tokenizer, messages: list[dict], tools, full: str) -> list[tuple[int, int]]:
+    """Answers of a template whose prompt rewrites earlier turns (Qwen3-style templates drop earlier thoughts from
+    the prompt, and add an empty thought to answers without one when training). The row is the conversation as
+    rendered for training, as LLaMA-Factory encodes it turn by turn: answer i runs from the training rendering of
+    the turns before it plus the assistant header (what the generation prompt adds to the first turn) to the
+    training rendering through it. Templates that end only the last answer with the end-of-text token (GLM's,
+    gpt-oss's) let the next turn's first token end an earlier answer, which is then supervised in its place, as
+    LLaMA-Factory does."""
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    plain = template.render(tokenizer, messages[:first], tools)
+    prompt = template.render(tokenizer, messages[:first], tools, add_generation_prompt=True)
+    header = prompt[len(plain):] if prompt.startswith(plain) else None
+    eos = tokenizer.eos_token or ""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = template.render(tokenizer, messages[:i], tools) + (header or "")
+        through = template.render(tokenizer, messages[: i + 1], tools)
+        relabel = False
+        if eos and through.endswith(eos) and not full.startswith(through) and full.startswith(through[:-len(eos)]):
+            cut = len(through) - len(eos)  # an earlier answer, ended by the next turn's first token
+            through = full[:cut + _first_token_length(tokenizer, full, cut)]
+            relabel = template.eos_ends_earlier_answers
+        if header is None or not (through.startswith(before) and full.startswith(through)):
+            raise DataError(
+                f"template {template.name!r} rewrites earlier turns when a turn is added, so answers cannot "
+                "be located for the loss mask. hint: set model.template to a built-in template (e.g. chatml)"
+            )
+        spans.append(Span.ending_in_eos(len(before), len(through)) if relabel else (len(before), len(through)))
+    return spans
+
+
+def _first_token_length(tokenizer, text: str, start: int) -> int:
+    """Characters of the first token of `text[start:]`."""
+    offsets = tokenizer(text[start:], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return offsets[0][1] if offsets else 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import set_seed
@@ -57,8 +57,10 @@ def prepare(cfg: TuneForgeConfig) -> Prepared:
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     add_new_tokens(tokenizer, cfg.model.new_special_tokens)
     template, note = resolve_template(cfg.model.template, tokenizer)
-    if template.name != "auto":  # saved with the run, so that chat and export use the trained format
-        tokenizer.chat_template = template.jinja
+    if not cfg.data.enable_thinking:
+        template = replace(template, thinking=False)
+    if template.name != "auto" or not template.thinking:  # saved with the run: chat and export use this format
+        tokenizer.chat_template = template.saved_jinja
     data = load_data(cfg.data, cfg.method.stage, tokenizer, template, default_cache_dir(cfg.model),
                      seed=cfg.train.seed)
     return Prepared(source, tokenizer, template, note, data, config_warnings(cfg, source))

@@ -76,13 +76,16 @@ def test_every_key_is_accounted_for_in_one_message():
         "lf.yaml: rope_scaling: 'linear': RoPE scaling for longer contexts is not supported yet"]  # use_muon: false is LLaMA-Factory's default: fine
 
 
-def test_deepspeed_and_fsdp_keys_carry_over():
+def test_engine_and_thinking_keys_carry_over():
     cfg = translate({"model_name_or_path": "m", "dataset": "identity", "deepspeed": "examples/deepspeed/ds_z3.json",
                      "stage": "sft"}, "lf.yaml").config
     assert cfg["train"]["deepspeed"] == "examples/deepspeed/ds_z3.json"
     cfg = translate({"model_name_or_path": "m", "dataset": "identity", "fsdp": "full_shard auto_wrap",
                      "fsdp_config": "fsdp.json"}, "lf.yaml").config
     assert cfg["train"]["fsdp"] == "full_shard auto_wrap" and cfg["train"]["fsdp_config"] == "fsdp.json"
+    cfg = translate({"model_name_or_path": "m", "dataset": "identity", "template": "qwen3",
+                     "enable_thinking": False}, "lf.yaml").config
+    assert cfg["data"]["enable_thinking"] is False and cfg["model"]["template"] == "llamafactory:qwen3"
 
 
 def test_the_key_table_is_consistent_with_the_schema():

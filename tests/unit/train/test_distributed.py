@@ -191,3 +191,19 @@ def test_full_training_under_zero3_saves_whole_weights_that_export(tmp_path, tin
 
     exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
     assert exported.keys() == b.keys() and all(torch.equal(exported[k], b[k]) for k in b)
+
+
+def test_started_by_accelerate_launch_it_trains_as_under_its_own_launcher(tmp_path, tiny_model_dir):
+    """`accelerate launch -m tuneforge.cli train` (accelerate starts the processes; `--multi_gpu` is its name for
+    DDP, which runs on gloo here) gives the single-process losses and one run directory."""
+    one = config(tmp_path, tiny_model_dir, "one")
+    two = config(tmp_path, tiny_model_dir, "two", batch_size=2)
+    tuneforge("train", str(one))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--main_process_port", str(free_port()), "-m", "tuneforge.cli", "train", str(two)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "training under torchrun" not in done.stdout  # no second launcher inside accelerate's
+    assert done.stdout.count("tuneforge: completed; run directory") == 1
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=TOLERANCE)
