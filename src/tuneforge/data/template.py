@@ -16,7 +16,7 @@ from importlib import resources
 
 import yaml
 
-from tuneforge.data.tools import tools_into_system, uses_tools
+from tuneforge.data.tools import calls_as_tool_calls, tools_into_system, uses_tools
 from tuneforge.errors import ConfigError, DataError
 
 
@@ -38,6 +38,8 @@ class ChatTemplate:
                add_generation_prompt: bool = False) -> str:
         if tools and not uses_tools(self.jinja):  # the tool format's fallback: tools in the system message
             messages, tools = tools_into_system(messages, tools), None
+        elif tools:  # the template writes tools and calls itself: calls go to it as tool_calls
+            messages = calls_as_tool_calls(messages, tools)
         extra = {} if self.thinking else {"enable_thinking": False}  # the variable Qwen3-style templates read
         return tokenizer.apply_chat_template(messages, tools=tools or None, chat_template=self.jinja,
                                              add_generation_prompt=add_generation_prompt, tokenize=False, **extra)
@@ -63,7 +65,10 @@ def builtin_templates() -> dict[str, dict]:
         for alias in entry.get("aliases", []):
             table[alias] = entry
     theirs = yaml.safe_load(files.joinpath("templates_llamafactory.yaml").read_text(encoding="utf-8"))
+    formats = theirs.pop("_tool_formats")
     for name, entry in theirs.items():
+        if entry.get("tool_format"):  # its tool format's macros go in front (see the file's _tool_formats)
+            entry = {**entry, "jinja": formats[entry["tool_format"]] + entry["jinja"]}
         table[LLAMAFACTORY_PREFIX + name] = entry
         table.setdefault(name, entry)
     return table

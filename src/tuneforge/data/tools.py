@@ -45,6 +45,9 @@ def parse_tool_calls(text: str, names: set[str] | None = None) -> list[dict] | N
     """The calls an answer makes, or None when it is an ordinary answer. `names`: the tools offered (a JSON answer
     naming no offered tool is an ordinary answer)."""
     body = text.strip()
+    blocks = re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", body, re.S)
+    if len(blocks) > 1 and not re.sub(r"<tool_call>.*?</tool_call>", "", body, flags=re.S).strip():
+        body = "[" + ",".join(blocks) + "]"  # several calls, one block each (Qwen's format)
     for wrapper in _WRAPPERS:
         match = wrapper.match(body)
         if match:
@@ -70,3 +73,18 @@ def parse_tool_calls(text: str, names: set[str] | None = None) -> list[dict] | N
             return None
         calls.append({"name": item["name"], "arguments": arguments})
     return calls or None
+
+
+def calls_as_tool_calls(messages: list[dict], tools: list) -> list[dict]:
+    """The conversation for a template that writes calls itself: each assistant answer that is a call of an offered
+    tool (the tool format's JSON answer) becomes an assistant message with OpenAI / transformers `tool_calls`
+    (arguments as an object), which such templates render in their own words."""
+    names = {(t.get("function") or t).get("name") for t in tools if isinstance(t, dict)}
+    out = []
+    for m in messages:
+        calls = parse_tool_calls(m["content"], names) if m["role"] == "assistant" and not m.get("tool_calls") else None
+        if calls:
+            m = {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]}
+        out.append(m)
+    return out

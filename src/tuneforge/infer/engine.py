@@ -20,7 +20,7 @@ from tuneforge.data.collate import pad_left, pad_right
 from tuneforge.data.convert import Example, with_system
 from tuneforge.data.encode import Unusable, encode_sft
 from tuneforge.data.template import ChatTemplate, resolve_template, stop_token_ids
-from tuneforge.data.tools import tools_into_system, uses_tools
+from tuneforge.data.tools import calls_as_tool_calls, tools_into_system, uses_tools
 from tuneforge.errors import ModelError
 from tuneforge.model.adapters import ADAPTED_BASE
 from tuneforge.model.loader import load_model, load_tokenizer, resolve_dtype, resolve_model
@@ -138,6 +138,8 @@ class Engine:
         messages = self.with_system(messages)
         if tools and not uses_tools(self.tokenizer.chat_template):
             messages, tools = tools_into_system(messages, tools), None
+        elif tools:  # the template writes calls in its own words (e.g. Qwen's <tool_call>)
+            messages = calls_as_tool_calls(messages, tools)
         return self.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
                                                   return_dict=False)
 

@@ -49,6 +49,28 @@ THINK_CASES = {
                  ("Thanks", "THINK_OPENA polite reply.THINK_CLOSEYou are welcome.")]),
 }
 
+# Tool-call cases (every template): LLaMA-Factory's roles `function` (the call, JSON as in glaive_toolcall) and
+# `observation` (the tool's answer), with the tools given as the JSON text of a data set's `tools` column.
+TOOLS = [{"name": "get_weather", "description": "Current weather of a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"},
+                                                          "unit": {"type": "string", "enum": ["C", "F"]}},
+                         "required": ["city"]}},
+         {"name": "get_time", "description": "Local time of a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
+                         "required": ["city"]}}]
+TOOL_CASES = {
+    "t1": (None, [("user", "What is the weather in Paris?"),
+                  ("function", '{"name": "get_weather", "arguments": {"city": "Paris"}}'),
+                  ("observation", '{"temperature": 21, "sky": "sunny"}'),
+                  ("assistant", "It is sunny and 21 °C in Paris.")]),
+    "t2": (SYSTEM, [("user", "Weather and time in 东京?"),
+                    ("function", '[{"name": "get_weather", "arguments": {"city": "东京", "unit": "C"}}, '
+                                 '{"name": "get_time", "arguments": {"city": "东京"}}]'),
+                    ("observation", '{"weather": "rain, 18 C", "time": "21:05"}'),
+                    ("assistant", "东京: rain, 18 °C; it is 21:05."),
+                    ("user", "Thanks!"), ("assistant", "You are welcome.")]),
+}
+
 # Special tokens written by the templates (and their tool formats), added to the synthetic tokenizer so that each
 # is one token, as in the real models' tokenizers.
 EXTRA_SPECIALS = [
@@ -139,28 +161,34 @@ def fresh_template(name: str, enable_thinking: bool | None):
     return template, tokenizer, data_args
 
 
-def render(name: str, system, turns, enable_thinking) -> dict:
+def render(name: str, system, turns, enable_thinking, tools=None) -> dict:
+    """`turns`: (user, assistant) pairs, or with `tools` (role, content) messages in LLaMA-Factory's roles."""
     from llamafactory.data.mm_plugin import get_mm_plugin
     from llamafactory.data.processor.supervised import SupervisedDatasetProcessor
 
     template, tokenizer, data_args = fresh_template(name, enable_thinking)
     messages = []
-    for user, assistant in turns:
-        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    if tools is None:
+        for user, assistant in turns:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    else:
+        messages = [{"role": role, "content": content} for role, content in turns]
     # Multimodal templates (gemma3, llama4) insist on a processor even without media; text-only examples pass
     # through the base plugin unchanged, so it stands in for theirs here.
     template.mm_plugin = get_mm_plugin(name="base")
     processor = SupervisedDatasetProcessor(template=template, tokenizer=tokenizer, processor=None, data_args=data_args)
+    tool_text = json.dumps(tools, ensure_ascii=False) if tools else None
     ids, labels = processor._encode_data_example(prompt=messages[:-1], response=messages[-1:], system=system,
-                                                 tools=None, images=[], videos=[], audios=[])
+                                                 tools=tool_text, images=[], videos=[], audios=[])
     # generation prompt: all turns but the last answer, as the chat engine renders it
     gen_ids, _ = template.encode_oneturn(tokenizer, messages[:-1] + [{"role": "assistant", "content": ""}],
-                                         system, None)
+                                         system, tool_text)
 
     def text(x):
         return tokenizer.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     return {"messages": ([{"role": "system", "content": system}] if system else []) + messages,
+            **({"tools": tools} if tools else {}),
             "train": {"text": text(ids), "ids": ids, "labels": labels},
             "generation": {"text": text(gen_ids), "ids": gen_ids}}
 
@@ -174,7 +202,8 @@ def main() -> None:
     out = {"llamafactory": lf_version(),
            "tokenizer": {"path": "tokenizer", "vocab_size": len(tokenizer), "bos_token": tokenizer.bos_token,
                          "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token},
-           "cases": {k: {"system": s, "turns": t} for k, (s, t) in {**CASES, **THINK_CASES}.items()},
+           "cases": {k: {"system": s, "turns": t} for k, (s, t) in {**CASES, **THINK_CASES, **TOOL_CASES}.items()},
+           "tools": TOOLS,
            "absent": [n for n in NAMES if n not in TEMPLATES],
            "templates": {}}
     for name in NAMES:
@@ -197,6 +226,15 @@ def main() -> None:
         for enable_thinking, suffix in variants:
             for key, (system, turns) in cases.items():
                 case = render(name, system, turns, enable_thinking)
+                if reasoning:
+                    case["enable_thinking"] = enable_thinking
+                entry["cases"][key + suffix] = case
+            for key, (system, turns) in TOOL_CASES.items():
+                try:
+                    case = render(name, system, turns, enable_thinking, TOOLS)
+                except Exception as exc:  # a template whose tool format refuses the case (e.g. parallel calls)
+                    case = {"messages": [{"role": r, "content": c} for r, c in turns], "tools": TOOLS,
+                            "refused": f"{type(exc).__name__}: {exc}"}
                 if reasoning:
                     case["enable_thinking"] = enable_thinking
                 entry["cases"][key + suffix] = case

@@ -41,13 +41,29 @@ def test_every_llamafactory_template_asked_for_is_there():
     assert table["qwen"] is not table[LLAMAFACTORY_PREFIX + "qwen"]  # TuneForge's own keep their names
 
 
+ROLES = {"function": "assistant", "observation": "tool"}  # LLaMA-Factory's tool roles, as TuneForge reads them
+
+
+def tuneforge_messages(messages: list[dict]) -> list[dict]:
+    return [{"role": ROLES.get(m["role"], m["role"]), "content": m["content"]} for m in messages]
+
+
+def has_tool_format(name: str) -> bool:
+    return bool(builtin_templates()[LLAMAFACTORY_PREFIX + name].get("tool_format"))
+
+
 @pytest.mark.parametrize("name,case", CASES)
 def test_training_ids_and_labels_equal_llamafactorys(lf_tokenizer, name, case):
     tokenizer = lf_tokenizer
     ref = REFERENCES["templates"][name]["cases"][case]
     template, _ = resolve_template(LLAMAFACTORY_PREFIX + name, tokenizer)
     template = dataclasses.replace(template, thinking=ref.get("enable_thinking", True))
-    example = Example("ref", ref["messages"])
+    example = Example("ref", tuneforge_messages(ref["messages"]), tools=json.dumps(ref["tools"]) if "tools" in ref
+                      else None)
+    if "tools" in ref and not (has_tool_format(name) and "refused" not in ref):
+        with pytest.raises(DataError):  # said clearly, never trained in another format than LLaMA-Factory's
+            encode_sft(example, tokenizer, template, 100_000)
+        return
     encoded = encode_sft(example, tokenizer, template, 100_000)
     assert encoded.input_ids == ref["train"]["ids"]
     assert encoded.labels == ref["train"]["labels"]
@@ -59,7 +75,10 @@ def test_generation_prompts_equal_llamafactorys(lf_tokenizer, name, case):
     ref = REFERENCES["templates"][name]["cases"][case]
     template, _ = resolve_template(LLAMAFACTORY_PREFIX + name, tokenizer)
     template = dataclasses.replace(template, thinking=ref.get("enable_thinking", True))
-    text = template.render(tokenizer, ref["messages"][:-1], add_generation_prompt=True)
+    if "tools" in ref and not (has_tool_format(name) and "refused" not in ref):
+        return  # refused in training (above)
+    text = template.render(tokenizer, tuneforge_messages(ref["messages"][:-1]), ref.get("tools"),
+                           add_generation_prompt=True)
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == ref["generation"]["ids"]
     stop = REFERENCES["templates"][name]["stop_words"]
     assert set(stop) <= set(template.stop)

@@ -60,3 +60,27 @@ def test_calls_are_read_back_in_the_forms_models_write_them():
     assert parse_tool_calls('{"answer": 42}') is None
     assert parse_tool_calls('{"name": "other_tool", "arguments": {}}', {"get_weather"}) is None
     assert parse_tool_calls('{"name": "get_weather", "arguments": {') is None
+
+
+def test_a_template_with_its_own_tool_format_is_served_as_trained(tokenizer):
+    """LLaMA-Factory's qwen tool format: a call in the history (as the API passes it, the tool format's JSON)
+    is written as Qwen's <tool_call> block by both training and serving, and several such blocks read back."""
+    import copy
+
+    from tests.conftest import build_tiny_model
+    from tuneforge.data.template import LLAMAFACTORY_PREFIX, resolve_template
+
+    tokenizer = copy.deepcopy(tokenizer)  # its chat template is replaced below
+    template, _ = resolve_template(LLAMAFACTORY_PREFIX + "qwen", tokenizer)
+    call = format_tool_calls([{"name": "get_weather", "arguments": {"city": "Paris"}}])
+    messages = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": call},
+                {"role": "tool", "content": '{"sky": "sunny"}'}]
+    training = template.render(tokenizer, messages, [TOOL], add_generation_prompt=True)
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in training
+    assert "<tool_response>\n{\"sky\": \"sunny\"}\n</tool_response>" in training
+    tokenizer.chat_template = template.saved_jinja  # as a run saves it
+    engine = Engine(build_tiny_model(len(tokenizer)), tokenizer, ["<|im_end|>"])
+    assert engine.prompt_ids(messages, [TOOL]) == tokenizer(training, add_special_tokens=False)["input_ids"]
+    two = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+           '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+    assert [c["arguments"]["city"] for c in parse_tool_calls(two, {"get_weather"})] == ["Paris", "Oslo"]

@@ -1,6 +1,6 @@
-"""Two training processes on this CPU (torchrun, gloo; the Trainer's DDP): the same losses as one process with the
-same global batch (sft, dpo, and kto, whose KL reference point is gathered across processes), and one writer of the
-run directory."""
+"""Two training processes on this CPU (torchrun or accelerate launch, gloo; the Trainer's DDP, DeepSpeed ZeRO): the
+same losses as one process with the same global batch for every stage (kto's KL reference point and ppo's
+statistics gathered across processes), one writer of the run directory, resume after Ctrl-C."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def config(tmp_path, tiny_model_dir, name, stage="sft", method=None, **train):
     if stage == "kto":
         data = {"dataset": "kto_en_demo", "dataset_dir": str(REPO / "tests" / "assets" / "llamafactory"),
                 "cutoff_len": 128, "max_samples": 32, "overlong": "truncate_answer"}
+    if stage == "pt":
+        data = {"dataset": "c4_demo", "dataset_dir": str(REPO / "data"), "cutoff_len": 64, "max_samples": 32}
     if stage in ("dpo", "rm"):
         data = {"dataset": "dpo_en_demo", "dataset_dir": str(REPO / "data"), "cutoff_len": 128, "max_samples": 32,
                 "overlong": "truncate_answer"}
@@ -57,7 +59,7 @@ def losses(run):
             if "loss" in json.loads(line)]
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo", "kto"])
+@pytest.mark.parametrize("stage", ["sft", "pt", "rm", "dpo", "kto"])
 def test_two_processes_follow_the_single_process_losses(tmp_path, tiny_model_dir, stage):
     one = config(tmp_path, tiny_model_dir, "one", stage)
     two = config(tmp_path, tiny_model_dir, "two", stage, batch_size=2)  # 2 processes x 2 rows = the same 4 rows
