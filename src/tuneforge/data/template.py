@@ -68,10 +68,19 @@ def builtin_templates() -> dict[str, dict]:
     formats = theirs.pop("_tool_formats")
     for name, entry in theirs.items():
         if entry.get("tool_format"):  # its tool format's macros go in front (see the file's _tool_formats)
-            entry = {**entry, "jinja": formats[entry["tool_format"]] + entry["jinja"]}
+            entry = {**entry, "jinja": formats[entry["tool_format"]] + _tools_into_system(entry) + entry["jinja"]}
         table[LLAMAFACTORY_PREFIX + name] = entry
         table.setdefault(name, entry)
     return table
+
+
+def _tools_into_system(entry: dict) -> str:
+    """Jinja that, when tools are given, writes the tool format's text after the system prompt (the template's
+    default one when the conversation has none), as LLaMA-Factory does; the template then renders that system."""
+    default = json.dumps(entry.get("default_system", ""), ensure_ascii=False)
+    return ("{%- if tools -%}{%- set tool_system = ((messages[0]['content'] if messages[0]['role'] == 'system' else '')"
+            f" or {default}) + tool_text(tools) -%}}{{%- set messages = [{{'role': 'system', 'content': tool_system}}] + "
+            "(messages[1:] if messages[0]['role'] == 'system' else messages) -%}{%- endif -%}")
 
 
 def resolve_template(name: str, tokenizer) -> tuple[ChatTemplate, str | None]:

@@ -10,8 +10,8 @@ template asks LLaMA-Factory for
   - the training sequence: `SupervisedDatasetProcessor._encode_data_example` (prompt + answer ids of every turn,
     with the final eos of `efficient_eos` templates), the same call LLaMA-Factory's SFT data pipeline makes;
   - the generation prompt: `Template.encode_oneturn(messages + [empty assistant])`, as its chat engine does.
-The ids are decoded back to text with skip_special_tokens=False. check_templates.py (run with TuneForge's
-environment) renders the same cases with templates_llamafactory.yaml and compares the ids.
+The ids are decoded back to text with skip_special_tokens=False. tests/unit/data/test_llamafactory_templates.py
+(TuneForge's environment) encodes the same cases with TuneForge and compares ids and labels.
 """
 
 from __future__ import annotations

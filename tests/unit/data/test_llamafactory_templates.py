@@ -48,14 +48,29 @@ def tuneforge_messages(messages: list[dict]) -> list[dict]:
     return [{"role": ROLES.get(m["role"], m["role"]), "content": m["content"]} for m in messages]
 
 
+def freeze_date(monkeypatch, ref: dict) -> None:
+    """Llama 3's tool text carries the day it is rendered ("Today Date: 29 Nov 2026" in the reference): rendering
+    happens on that day here too (transformers' strftime_now reads the module's datetime)."""
+    import datetime as real
+    import re
+
+    import transformers.utils.chat_template_utils as chat
+
+    found = re.search(r"Today Date: (\d\d \w{3} \d{4})", ref.get("train", {}).get("text", ""))
+    if found:
+        day = real.datetime.strptime(found.group(1), "%d %b %Y")
+        monkeypatch.setattr(chat, "datetime", type("Frozen", (), {"now": staticmethod(lambda: day)}))
+
+
 def has_tool_format(name: str) -> bool:
     return bool(builtin_templates()[LLAMAFACTORY_PREFIX + name].get("tool_format"))
 
 
 @pytest.mark.parametrize("name,case", CASES)
-def test_training_ids_and_labels_equal_llamafactorys(lf_tokenizer, name, case):
+def test_training_ids_and_labels_equal_llamafactorys(lf_tokenizer, name, case, monkeypatch):
     tokenizer = lf_tokenizer
     ref = REFERENCES["templates"][name]["cases"][case]
+    freeze_date(monkeypatch, ref)
     template, _ = resolve_template(LLAMAFACTORY_PREFIX + name, tokenizer)
     template = dataclasses.replace(template, thinking=ref.get("enable_thinking", True))
     example = Example("ref", tuneforge_messages(ref["messages"]), tools=json.dumps(ref["tools"]) if "tools" in ref
@@ -70,9 +85,10 @@ def test_training_ids_and_labels_equal_llamafactorys(lf_tokenizer, name, case):
 
 
 @pytest.mark.parametrize("name,case", CASES)
-def test_generation_prompts_equal_llamafactorys(lf_tokenizer, name, case):
+def test_generation_prompts_equal_llamafactorys(lf_tokenizer, name, case, monkeypatch):
     tokenizer = lf_tokenizer
     ref = REFERENCES["templates"][name]["cases"][case]
+    freeze_date(monkeypatch, ref)
     template, _ = resolve_template(LLAMAFACTORY_PREFIX + name, tokenizer)
     template = dataclasses.replace(template, thinking=ref.get("enable_thinking", True))
     if "tools" in ref and not (has_tool_format(name) and "refused" not in ref):
