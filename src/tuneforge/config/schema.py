@@ -134,6 +134,10 @@ class DataConfig(Strict):
     preprocessing_num_workers: int | None = Field(
         None, ge=1, description="Processes that tokenize in parallel (chunks of at least 64 rows; pre-training and "
         "KTO data are tokenized in one pass, as their blocks and KL pairs span rows). Default: one.")
+    streaming: bool = Field(
+        False, description="Read the data sets while training instead of loading them first, for data larger than "
+        "memory (needs train.max_steps; data sets are read one after the other). As LLaMA-Factory.")
+    buffer_size: int = Field(16384, ge=1, description="With data.streaming: rows held to shuffle from.")
 
     _split = field_validator("dataset", "eval_dataset", mode="before")(_split_names)
 
@@ -335,12 +339,29 @@ class TuneForgeConfig(Strict):
     def _sft_by_default(cls, v):
         return {"stage": "sft", **v} if isinstance(v, dict) and "stage" not in v else v
 
+    def _streaming_combinations(self) -> None:
+        d = self.data
+        problems = [
+            (not self.train.max_steps, "train.max_steps (a stream has no length to count epochs in)", "set it"),
+            (self.method.stage == "ppo", "stage ppo (its prompts are drawn at random)", "turn streaming off"),
+            (d.val_size > 0, "data.val_size (nothing is split off a stream)", "name data.eval_dataset instead"),
+            (d.mix_strategy != "concat", f"data.mix_strategy {d.mix_strategy}", "use concat"),
+            (d.tokenized_path is not None, "data.tokenized_path (nothing is kept)", "remove it"),
+            (self.train.dataloader_num_workers > 0, "train.dataloader_num_workers (each worker would read it all)",
+             "set it to 0"),
+        ]
+        for bad, what, fix in problems:
+            if bad:
+                raise ValueError(f"data.streaming does not go with {what}; {fix}")
+
     @model_validator(mode="after")
     def _combinations(self) -> "TuneForgeConfig":
         if self.method.stage != "sft" and (self.data.train_on_prompt or self.data.mask_history):
             raise ValueError("data.train_on_prompt and data.mask_history apply to sft only; remove them")
         if self.data.overlong == "split" and self.method.stage != "sft":
             raise ValueError("data.overlong: split applies to stage sft; use drop or truncate_answer")
+        if self.data.streaming:
+            self._streaming_combinations()
         if self.data.packing and self.method.stage != "sft":
             raise ValueError("data.packing applies to stage sft (pt already joins documents into blocks; the "
                              "preference stages pair rows); remove it")

@@ -71,6 +71,8 @@ def load_data(cfg: DataConfig, stage: str, tokenizer, template: ChatTemplate, ca
               seed: int = 42, hub: str = "huggingface") -> DataBundle:
     """Read, convert, check and tokenize every configured data set; split off the evaluation part.
     data.tokenized_path: the result is saved there, and a later run with the same path loads it instead."""
+    if cfg.streaming:
+        return _load_streamed(cfg, stage, tokenizer, template, cache_dir, seed, hub)
     saved = Path(cfg.tokenized_path) if cfg.tokenized_path else None
     if saved is not None and (saved / "train.npz").is_file():
         return _load_tokenized(saved, stage, tokenizer)
@@ -82,6 +84,36 @@ def load_data(cfg: DataConfig, stage: str, tokenizer, template: ChatTemplate, ca
             save_npz(saved / "eval.npz", bundle.eval, meta)
         save_npz(saved / "train.npz", bundle.train, meta)  # last: its presence means the folder is complete
     return bundle
+
+
+def _load_streamed(cfg: DataConfig, stage: str, tokenizer, template: ChatTemplate, cache_dir: Path, seed: int,
+                   hub: str) -> DataBundle:
+    """data.streaming: the training data sets are checked now and read while training (streaming.py); evaluation
+    data sets are loaded as usual."""
+    from tuneforge.data.streaming import StreamedData
+
+    specs = []
+    for name in cfg.dataset:
+        spec = resolve_dataset(name, cfg.dataset_dir)
+        _check_containment(spec, cfg)
+        _check_stage(spec, stage)
+        specs.append(spec)
+    train = StreamedData(specs, cfg, stage, tokenizer, template, seed, hub)
+    sample = train.sample()
+    if len(sample) == 0:
+        raise DataError(f"no training rows come out of the first rows of {', '.join(cfg.dataset)} (streamed); "
+                        "check the data with data.streaming: false to see what happens to each row")
+    report = DatasetReport(f"{', '.join(cfg.dataset)} (streamed)", rows_read=len(sample), rows_used=len(sample),
+                           overlong=cfg.overlong)
+    report.notes.append(f"data.streaming: read while training, shuffled through {cfg.buffer_size:,} rows; the "
+                        f"lengths below are those of the first {len(sample)} rows")
+    report.stats = sample.stats()
+    reports, evaluation = [report], None
+    if cfg.eval_dataset:
+        eval_cfg = cfg.model_copy(update={"dataset": cfg.eval_dataset, "eval_dataset": [], "streaming": False})
+        loaded = _load_data(eval_cfg, stage, tokenizer, template, cache_dir, seed, hub)
+        evaluation, reports = loaded.train, reports + loaded.reports
+    return DataBundle(train, evaluation, reports)
 
 
 def _load_tokenized(saved: Path, stage: str, tokenizer) -> DataBundle:

@@ -45,6 +45,34 @@ def read_rows(spec: DatasetSpec, hub: str = "huggingface") -> list[RawRow]:
     return read_file(path)
 
 
+def iter_rows(spec: DatasetSpec, hub: str = "huggingface") -> Iterator[RawRow]:
+    """The rows of one registered data set, read as they are needed (data.streaming): line by line for JSON lines,
+    CSV and text, file by file in a folder, and through datasets' streaming mode for hub data sets."""
+    if spec.hf_hub_url and not (spec.ms_hub_url and hub == "modelscope"):
+        yield from _read_hf_hub(spec, streaming=True)
+        return
+    if spec.hf_hub_url or spec.ms_hub_url or spec.file_name is None or not spec.path.is_dir():
+        if spec.file_name is not None and spec.path.is_file():
+            yield from _read_lazily(spec.path)
+        else:
+            yield from read_rows(spec, hub)  # ModelScope, or the error read_rows gives
+        return
+    for f in sorted(p for p in spec.path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file()):
+        yield from _read_lazily(f)
+
+
+def _read_lazily(path: Path) -> Iterator[RawRow]:
+    if path.suffix in (".jsonl", ".csv", ".txt"):
+        reader = {".jsonl": _read_jsonl, ".csv": _read_csv, ".txt": _read_txt}[path.suffix]
+        try:
+            yield from reader(path)
+        except UnicodeDecodeError:
+            read_file(path)  # raises the error that names the byte and line
+            raise
+    else:  # JSON arrays, parquet and arrow files are read whole, one file at a time
+        yield from read_file(path)
+
+
 def read_file(path: Path) -> list[RawRow]:
     reader = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".parquet": _read_parquet,
               ".txt": _read_txt, ".arrow": _read_arrow}.get(path.suffix)
@@ -138,18 +166,20 @@ def _read_arrow(path: Path) -> Iterator[RawRow]:
         yield RawRow(str(path), i, row)
 
 
-def _read_hf_hub(spec: DatasetSpec) -> list[RawRow]:
+def _read_hf_hub(spec: DatasetSpec, streaming: bool = False) -> list[RawRow] | Iterator[RawRow]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(spec.hf_hub_url, name=spec.subset, split=spec.split, data_dir=spec.folder)
+        ds = datasets.load_dataset(spec.hf_hub_url, name=spec.subset, split=spec.split, data_dir=spec.folder,
+                                   streaming=streaming)
     except Exception as exc:  # network, auth, missing repo: all end the same way for the user
         raise DataError(
             f"data set {spec.name!r}: could not load {spec.hf_hub_url!r} from the Hugging Face hub "
             f"({type(exc).__name__}: {str(exc)[:200]}). hint: check the network (HF_ENDPOINT for a mirror), "
             "or download the files and register them with file_name"
         ) from None
-    return [RawRow(f"hf://{spec.hf_hub_url}", i, row) for i, row in enumerate(ds, 1)]
+    rows = (RawRow(f"hf://{spec.hf_hub_url}", i, row) for i, row in enumerate(ds, 1))
+    return rows if streaming else list(rows)
 
 
 def _read_modelscope(spec: DatasetSpec) -> list[RawRow]:

@@ -16,5 +16,6 @@ def format_data_report(prepared: Prepared) -> str:
     for r in prepared.data.reports:
         lines += [f"  {line}" for line in r.lines()]
     train, evaluation = prepared.data.train, prepared.data.eval
-    lines.append(f"  train sequences: {len(train)}" + (f", eval sequences: {len(evaluation)}" if evaluation else ""))
+    count = len(train) if hasattr(train, "__len__") else "read while training (data.streaming)"
+    lines.append(f"  train sequences: {count}" + (f", eval sequences: {len(evaluation)}" if evaluation else ""))
     return "\n".join(lines)

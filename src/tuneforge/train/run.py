@@ -245,6 +245,9 @@ def build_trainer(cfg: TuneForgeConfig, model, prepared: Prepared, run: RunDir, 
         bf16=on_gpu and cfg.model.dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported(),
         fp16=on_gpu and (cfg.model.dtype == "float16" or (cfg.model.dtype == "auto" and not torch.cuda.is_bf16_supported())),
         use_cpu=not on_gpu,
+        # a stream is read by every process, each keeping its share of every batch (accelerate's
+        # IterableDatasetShard); dispatching from rank 0 cannot send padded batches of different lengths
+        accelerator_config={"dispatch_batches": False} if cfg.data.streaming else None,
         deepspeed=t.deepspeed,
         fsdp=t.fsdp or None,
         fsdp_config=t.fsdp_config,

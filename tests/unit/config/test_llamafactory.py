@@ -61,7 +61,7 @@ def test_llamafactory_defaults_that_differ_are_kept_and_said():
 
 
 def test_every_key_is_accounted_for_in_one_message():
-    raw = {"model_name_or_path": "m", "dataset": "identity", "streaming": True, "shift_attn": True,
+    raw = {"model_name_or_path": "m", "dataset": "identity", "preserve_thinking": True, "shift_attn": True,
            "finetuning_type": "oft", "lora_rnak": 8, "pref_loss": "kto_pair", "stage": "dpo",
            "mix_strategy": "interleave_under", "use_muon": False, "rope_scaling": "linear"}
     with pytest.raises(ConfigError) as info:
@@ -70,7 +70,7 @@ def test_every_key_is_accounted_for_in_one_message():
     assert problems == [
         "lf.yaml: finetuning_type: 'oft' is not supported; use lora, freeze or full",
         "lf.yaml: pref_loss: kto_pair is not supported; use stage kto with KTO data",
-        "lf.yaml: streaming: True: streaming data sets are not supported yet",
+        "lf.yaml: preserve_thinking: True: keeping earlier thoughts is not supported yet",
         "lf.yaml: shift_attn: True: LongLoRA's shifted attention is not supported",
         "lf.yaml: lora_rnak: not a LLaMA-Factory key TuneForge knows",
         "lf.yaml: rope_scaling: 'linear': RoPE scaling for longer contexts is not supported yet"]  # use_muon: false is LLaMA-Factory's default: fine

@@ -209,3 +209,14 @@ def test_started_by_accelerate_launch_it_trains_as_under_its_own_launcher(tmp_pa
     assert "training under torchrun" not in done.stdout  # no second launcher inside accelerate's
     assert done.stdout.count("tuneforge: completed; run directory") == 1
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=TOLERANCE)
+
+
+def test_a_stream_in_two_processes_follows_the_single_process_stream(tmp_path, tiny_model_dir):
+    """data.streaming: each process reads the stream and keeps its share of every batch."""
+    one = config(tmp_path, tiny_model_dir, "one")
+    two = config(tmp_path, tiny_model_dir, "two", batch_size=2)
+    stream = ["data.streaming=true", "data.buffer_size=8"]
+    tuneforge("train", str(one), *stream)
+    tuneforge("train", str(two), *stream, "distributed.nproc_per_node=2", f"distributed.master_port={free_port()}")
+    single, double = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(double) == 6 and double == pytest.approx(single, rel=TOLERANCE), (single, double)
