@@ -92,11 +92,12 @@ def translate(raw: dict, where: str = "config") -> Translation:
 
         theirs = LLAMAFACTORY_PREFIX + template
         put("model.template", theirs if theirs in builtin_templates() else template)
-    if stage == "sft":
+    if stage in ("sft", "rm", "dpo"):
         put("data.overlong", "split")
-        result.notes.append("data.overlong: split: an overlong conversation is cut turn by turn, prompt and answer "
-                            "sharing the budget as LLaMA-Factory's infer_seqlen does (TuneForge's default shortens "
-                            "prompts first and drops rows whose answers alone do not fit)")
+        result.notes.append("data.overlong: split: an overlong conversation is cut " + ("turn by turn, " if stage ==
+                            "sft" else "") + "prompt and answer sharing the budget as LLaMA-Factory's infer_seqlen "
+                            "does (TuneForge's default shortens prompts first and drops rows whose answers alone do "
+                            "not fit)")
     kind = raw.pop("finetuning_type", "lora")
     if kind not in FLAT_ADAPTERS:
         problems.append(f"finetuning_type: {kind!r} is not supported; use lora, freeze or full")

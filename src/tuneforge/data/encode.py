@@ -60,6 +60,8 @@ def encode_pair(example: Example, tokenizer, template: ChatTemplate, cutoff_len:
         raise Unusable("a preference row needs a prompt that ends with a user turn")
     tools = parse_tools(example.tools)
     answers = {"chosen": example.chosen, "rejected": example.rejected}
+    if overlong == "split":
+        return _split_pair(example.messages, answers, tools, tokenizer, template, cutoff_len)
     tokens = {k: tokenizer(a, add_special_tokens=False)["input_ids"] for k, a in answers.items()}
     longer = max(answers, key=lambda k: len(tokens[k]))
     shorter = "rejected" if longer == "chosen" else "chosen"
@@ -76,6 +78,30 @@ def encode_pair(example: Example, tokenizer, template: ChatTemplate, cutoff_len:
         raise Overlong("answers longer than cutoff_len")
     short_enc = Encoded(ids, labels, long_enc.truncated or short_answer != answers[shorter])
     return EncodedPair(**{longer: long_enc, shorter: short_enc})
+
+
+def _split_pair(messages, answers, tools, tokenizer, template, cutoff_len) -> EncodedPair:
+    """`overlong: split` for preference pairs (LLaMA-Factory's pairwise truncation): the prompt (everything before
+    the final answer, template tokens included) and the longer answer share cutoff_len by `infer_seqlen`; the prompt
+    keeps its beginning and both answers are cut to the answer's share."""
+    parts = {}
+    for key, answer in answers.items():
+        ids, labels = _tokenize(template, tokenizer, messages + [{"role": "assistant", "content": answer}], tools,
+                                False, True)
+        start = next((i for i, y in enumerate(labels) if y != IGNORE), len(ids))
+        parts[key] = (ids[:start], ids[start:])
+    prompt = parts["chosen"][0]
+    if parts["rejected"][0] != prompt:  # a tokenizer that merges across the boundary: no shared prompt to cut
+        raise Unusable("the chosen and rejected answers change how the prompt is tokenized")
+    n_source, n_target = infer_seqlen(len(prompt), max(len(a) for _, a in parts.values()), cutoff_len)
+    if n_target == 0:
+        raise Overlong("no answer tokens left within cutoff_len")
+    out = {}
+    for key, (_, answer) in parts.items():
+        kept = answer[:n_target]
+        out[key] = Encoded(prompt[:n_source] + kept, [IGNORE] * n_source + kept,
+                           truncated=n_source < len(prompt) or len(kept) < len(answer))
+    return EncodedPair(**out)
 
 
 def _fit(messages, tools, tokenizer, template, cutoff_len, train_on_prompt, mask_history, overlong):

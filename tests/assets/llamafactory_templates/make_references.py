@@ -193,6 +193,36 @@ def render(name: str, system, turns, enable_thinking, tools=None) -> dict:
             "generation": {"text": text(gen_ids), "ids": gen_ids}}
 
 
+# Preference pairs cut to fit cutoff_len by LLaMA-Factory's PairwiseDatasetProcessor (its infer_seqlen split).
+PAIR_TEMPLATES = ["qwen", "llama3", "default"]
+PAIR_CUTOFFS = [24, 48, 80, 400]
+PAIR = (SYSTEM, [("What is the capital of France?", "The capital of France is Paris."),
+                 ("Write two lines about roses and violets, please, in the style of a short poem for a card.", None)],
+        "Roses are red, violets are blue, this little card was written for you.", "No.")
+
+
+def render_pair(name: str, cutoff: int) -> dict:
+    from llamafactory.data.mm_plugin import get_mm_plugin
+    from llamafactory.data.processor.pairwise import PairwiseDatasetProcessor
+
+    template, tokenizer, data_args = fresh_template(name, True)
+    data_args.cutoff_len = cutoff
+    template.mm_plugin = get_mm_plugin(name="base")
+    system, turns, chosen, rejected = PAIR
+    messages = []
+    for user, assistant in turns:
+        messages.append({"role": "user", "content": user})
+        if assistant is not None:
+            messages.append({"role": "assistant", "content": assistant})
+    processor = PairwiseDatasetProcessor(template=template, tokenizer=tokenizer, processor=None, data_args=data_args)
+    c_ids, c_labels, r_ids, r_labels = processor._encode_data_example(
+        prompt=messages, response=[{"role": "assistant", "content": chosen}, {"role": "assistant", "content": rejected}],
+        system=system, tools=None, images=[], videos=[], audios=[])
+    return {"messages": [{"role": "system", "content": system}] + messages, "chosen": chosen, "rejected": rejected,
+            "cutoff_len": cutoff, "chosen_ids": c_ids, "chosen_labels": c_labels, "rejected_ids": r_ids,
+            "rejected_labels": r_labels}
+
+
 def main() -> None:
     stub_torchaudio()
     from llamafactory.data.template import TEMPLATES, ReasoningTemplate
@@ -240,6 +270,7 @@ def main() -> None:
                 entry["cases"][key + suffix] = case
         out["templates"][name] = entry
         print(f"{name}: {len(entry['cases'])} cases")
+    out["pairs"] = {f"{name}/{cutoff}": render_pair(name, cutoff) for name in PAIR_TEMPLATES for cutoff in PAIR_CUTOFFS}
     text = json.dumps(out, ensure_ascii=False, indent=1)
     text = re.sub(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]", lambda m: "[" + re.sub(r"\s+", "", m.group(1)) + "]", text)
     OUT.write_text(text + "\n", encoding="utf-8")  # id lists on one line each

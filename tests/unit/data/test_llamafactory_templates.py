@@ -128,3 +128,18 @@ def test_thinking_turned_off_is_trained_and_saved_with_the_run(tiny_config):
     row = thinking.data.train[0]
     assert "<think>" in thinking.tokenizer.decode([i for i, label in zip(row["input_ids"], row["labels"])
                                                    if label != -100])  # supervised, as LLaMA-Factory does
+
+
+@pytest.mark.parametrize("key", sorted(REFERENCES["pairs"]))
+def test_preference_pairs_are_cut_as_llamafactory_cuts_them(lf_tokenizer, key):
+    """data.overlong: split on rm/dpo rows: the prompt and the longer answer share cutoff_len by infer_seqlen, as
+    LLaMA-Factory's PairwiseDatasetProcessor does (the 400-token case is not cut at all)."""
+    from tuneforge.data.encode import encode_pair
+
+    ref = REFERENCES["pairs"][key]
+    template, _ = resolve_template(LLAMAFACTORY_PREFIX + key.split("/")[0], lf_tokenizer)
+    example = Example("ref", ref["messages"], chosen=ref["chosen"], rejected=ref["rejected"])
+    pair = encode_pair(example, lf_tokenizer, template, ref["cutoff_len"], overlong="split")
+    assert pair.chosen.input_ids == ref["chosen_ids"] and pair.chosen.labels == ref["chosen_labels"]
+    assert pair.rejected.input_ids == ref["rejected_ids"] and pair.rejected.labels == ref["rejected_labels"]
+    assert pair.chosen.truncated == (ref["cutoff_len"] < 400)
