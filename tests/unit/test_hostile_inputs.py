@@ -128,8 +128,8 @@ CASES = [
          r"method.stage: 'stf' is not one of sft \| pt \| rm \| dpo \| kto \| ppo"),
     Case("flat LLaMA-Factory config without a data set", lambda f, m, r: ["check", str(_write(f / "c.yaml", b"model_name_or_path: x\nstage: sft\n"))],
          r"c.yaml: dataset: required: the data set names from dataset_info.json"),
-    Case("LLaMA-Factory key TuneForge cannot honour", lambda f, m, r: ["check", str(_write(f / "c.yaml", b"model_name_or_path: x\ndataset: identity\nstreaming: true\n"))],
-         r"c.yaml: streaming: True: streaming data sets are not supported yet"),
+    Case("LLaMA-Factory key TuneForge cannot honour", lambda f, m, r: ["check", str(_write(f / "c.yaml", b"model_name_or_path: x\ndataset: identity\nrope_scaling: linear\n"))],
+         r"c.yaml: rope_scaling: .linear.: RoPE scaling for longer contexts is not supported yet"),
     # --- data
     Case("data set not registered", lambda f, m, r: ["check", str(config(f, m, data={"dataset": "identiti"}))],
          r"data set 'identiti' is not in .*dataset_info.json. did you mean identity\?"),

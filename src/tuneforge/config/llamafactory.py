@@ -92,7 +92,7 @@ def translate(raw: dict, where: str = "config") -> Translation:
 
         theirs = LLAMAFACTORY_PREFIX + template
         put("model.template", theirs if theirs in builtin_templates() else template)
-    if stage in ("sft", "rm", "dpo"):
+    if stage in ("sft", "rm", "dpo", "kto"):
         put("data.overlong", "split")
         result.notes.append("data.overlong: split: an overlong conversation is cut " + ("turn by turn, " if stage ==
                             "sft" else "") + "prompt and answer sharing the budget as LLaMA-Factory's infer_seqlen "

@@ -118,8 +118,8 @@ class DataConfig(Strict):
     overlong: Literal["drop", "truncate_answer", "split"] = Field(
         "drop",
         description="Rows whose answers alone exceed cutoff_len: drop them (counted), or cut the answers; split "
-        "(sft, rm, dpo): LLaMA-Factory's truncation, each turn's prompt and answer tokens share what is left in proportion, "
-        "each keeping its beginning (rm, dpo: the prompt and the longer answer share cutoff_len the same way).",
+        "(sft, rm, dpo, kto): LLaMA-Factory's truncation, each turn's prompt and answer tokens share what is left in proportion, "
+        "each keeping its beginning (rm, dpo, kto: the prompt and the (longer) answer share cutoff_len that way).",
     )
     on_bad_row: Literal["error", "skip"] = Field(
         "error", description="Malformed rows: stop with a report of all of them, or skip them (counted)."
@@ -358,8 +358,9 @@ class TuneForgeConfig(Strict):
     def _combinations(self) -> "TuneForgeConfig":
         if self.method.stage != "sft" and (self.data.train_on_prompt or self.data.mask_history):
             raise ValueError("data.train_on_prompt and data.mask_history apply to sft only; remove them")
-        if self.data.overlong == "split" and self.method.stage not in ("sft", "rm", "dpo"):
-            raise ValueError("data.overlong: split applies to stages sft, rm and dpo; use drop or truncate_answer")
+        if self.data.overlong == "split" and self.method.stage not in ("sft", "rm", "dpo", "kto"):
+            raise ValueError("data.overlong: split applies to stages sft, rm, dpo and kto; use drop or "
+                             "truncate_answer")
         if self.data.streaming:
             self._streaming_combinations()
         if self.data.packing and self.method.stage != "sft":

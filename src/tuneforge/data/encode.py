@@ -80,16 +80,31 @@ def encode_pair(example: Example, tokenizer, template: ChatTemplate, cutoff_len:
     return EncodedPair(**{longer: long_enc, shorter: short_enc})
 
 
+def _prompt_and_answer(messages, tools, tokenizer, template) -> tuple[list[int], list[int]]:
+    """The tokens before the final answer (every earlier turn, template tokens included) and from it on."""
+    ids, labels = _tokenize(template, tokenizer, messages, tools, False, True)
+    start = next((i for i, y in enumerate(labels) if y != IGNORE), len(ids))
+    return ids[:start], ids[start:]
+
+
+def encode_last_answer_split(example: Example, tokenizer, template: ChatTemplate, cutoff_len: int) -> Encoded:
+    """`overlong: split` for a row trained on its final answer only (KTO, as LLaMA-Factory's feedback processor
+    cuts it): the prompt and the answer share cutoff_len by `infer_seqlen`, each keeping its beginning."""
+    prompt, answer = _prompt_and_answer(example.messages, parse_tools(example.tools), tokenizer, template)
+    n_source, n_target = infer_seqlen(len(prompt), len(answer), cutoff_len)
+    if n_target == 0:
+        raise Overlong("no answer tokens left within cutoff_len")
+    kept = answer[:n_target]
+    return Encoded(prompt[:n_source] + kept, [IGNORE] * n_source + kept,
+                   truncated=n_source < len(prompt) or n_target < len(answer))
+
+
 def _split_pair(messages, answers, tools, tokenizer, template, cutoff_len) -> EncodedPair:
     """`overlong: split` for preference pairs (LLaMA-Factory's pairwise truncation): the prompt (everything before
     the final answer, template tokens included) and the longer answer share cutoff_len by `infer_seqlen`; the prompt
     keeps its beginning and both answers are cut to the answer's share."""
-    parts = {}
-    for key, answer in answers.items():
-        ids, labels = _tokenize(template, tokenizer, messages + [{"role": "assistant", "content": answer}], tools,
-                                False, True)
-        start = next((i for i, y in enumerate(labels) if y != IGNORE), len(ids))
-        parts[key] = (ids[:start], ids[start:])
+    parts = {key: _prompt_and_answer(messages + [{"role": "assistant", "content": answer}], tools, tokenizer,
+                                     template) for key, answer in answers.items()}
     prompt = parts["chosen"][0]
     if parts["rejected"][0] != prompt:  # a tokenizer that merges across the boundary: no shared prompt to cut
         raise Unusable("the chosen and rejected answers change how the prompt is tokenized")

@@ -24,7 +24,7 @@ from tuneforge.data.template import ChatTemplate
 from tuneforge.data.tokenized import TokenizedData, load_npz, save_npz
 from tuneforge.errors import DataError
 
-ENCODING_VERSION = 4  # bump when encode.py or the cache key changes, to invalidate caches
+ENCODING_VERSION = 5  # bump when encode.py or the cache key changes, to invalidate caches
 MAX_LISTED_BAD_ROWS = 20
 
 

@@ -10,7 +10,8 @@ from collections import Counter
 
 from tuneforge.config.schema import DataConfig
 from tuneforge.data.convert import Example
-from tuneforge.data.encode import Overlong, Unusable, encode_pair, encode_pretrain, encode_sft
+from tuneforge.data.encode import (Overlong, Unusable, encode_last_answer_split, encode_pair, encode_pretrain,
+                                    encode_sft)
 from tuneforge.data.template import ChatTemplate, parse_tools
 from tuneforge.data.tokenized import TokenizedData
 
@@ -66,12 +67,17 @@ def tokenize_kto(examples: list[Example], tokenizer, template: ChatTemplate, cfg
     columns = {k: [] for k in ("ids", "labels", "kl_ids", "kl_labels", "desirable")}
     dropped, truncated = Counter(), 0
     for i, example in enumerate(examples):
-        other = examples[(i + 1) % len(examples)]  # a mismatched answer: the KL reference point of KTO
+        other = examples[i - 1]  # a mismatched answer, the previous row's (as TRL and LLaMA-Factory pair them)
         mismatched = Example(example.where, example.messages[:-1] + [other.messages[-1]], example.tools)
         try:
-            enc = encode_sft(example, tokenizer, template, cfg.cutoff_len, mask_history=True, overlong=cfg.overlong)
-            kl = encode_sft(mismatched, tokenizer, template, cfg.cutoff_len, mask_history=True,
-                            overlong="truncate_answer")
+            if cfg.overlong == "split":  # LLaMA-Factory's feedback processor: prompt and answer share cutoff_len
+                enc = encode_last_answer_split(example, tokenizer, template, cfg.cutoff_len)
+                kl = encode_last_answer_split(mismatched, tokenizer, template, cfg.cutoff_len)
+            else:
+                enc = encode_sft(example, tokenizer, template, cfg.cutoff_len, mask_history=True,
+                                 overlong=cfg.overlong)
+                kl = encode_sft(mismatched, tokenizer, template, cfg.cutoff_len, mask_history=True,
+                                overlong="truncate_answer")
         except Unusable as why:
             dropped[_dropped(why, cfg)] += 1
             continue

@@ -223,6 +223,30 @@ def render_pair(name: str, cutoff: int) -> dict:
             "rejected_labels": r_labels}
 
 
+def render_feedback(name: str, cutoff: int) -> dict:
+    """A KTO row (the pair's prompt, its chosen answer as the desired one, the rejected one as the mismatched KL
+    answer) cut by LLaMA-Factory's FeedbackDatasetProcessor."""
+    from llamafactory.data.mm_plugin import get_mm_plugin
+    from llamafactory.data.processor.feedback import FeedbackDatasetProcessor
+
+    template, tokenizer, data_args = fresh_template(name, True)
+    data_args.cutoff_len = cutoff
+    template.mm_plugin = get_mm_plugin(name="base")
+    system, turns, answer, other = PAIR
+    messages = []
+    for user, assistant in turns:
+        messages.append({"role": "user", "content": user})
+        if assistant is not None:
+            messages.append({"role": "assistant", "content": assistant})
+    processor = FeedbackDatasetProcessor(template=template, tokenizer=tokenizer, processor=None, data_args=data_args)
+    ids, labels, kl_ids, kl_labels, tag = processor._encode_data_example(
+        prompt=messages, response=[{"role": "assistant", "content": answer}, {"role": "assistant", "content": ""}],
+        kl_response=[{"role": "assistant", "content": other}, {"role": "assistant", "content": ""}],
+        system=system, tools=None, images=[], videos=[], audios=[])
+    return {"messages": [{"role": "system", "content": system}] + messages, "answer": answer, "kl_answer": other,
+            "cutoff_len": cutoff, "ids": ids, "labels": labels, "kl_ids": kl_ids, "kl_labels": kl_labels}
+
+
 def main() -> None:
     stub_torchaudio()
     from llamafactory.data.template import TEMPLATES, ReasoningTemplate
@@ -271,6 +295,8 @@ def main() -> None:
         out["templates"][name] = entry
         print(f"{name}: {len(entry['cases'])} cases")
     out["pairs"] = {f"{name}/{cutoff}": render_pair(name, cutoff) for name in PAIR_TEMPLATES for cutoff in PAIR_CUTOFFS}
+    out["feedback"] = {f"{name}/{cutoff}": render_feedback(name, cutoff) for name in PAIR_TEMPLATES
+                       for cutoff in PAIR_CUTOFFS}
     text = json.dumps(out, ensure_ascii=False, indent=1)
     text = re.sub(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]", lambda m: "[" + re.sub(r"\s+", "", m.group(1)) + "]", text)
     OUT.write_text(text + "\n", encoding="utf-8")  # id lists on one line each

@@ -143,3 +143,17 @@ def test_preference_pairs_are_cut_as_llamafactory_cuts_them(lf_tokenizer, key):
     assert pair.chosen.input_ids == ref["chosen_ids"] and pair.chosen.labels == ref["chosen_labels"]
     assert pair.rejected.input_ids == ref["rejected_ids"] and pair.rejected.labels == ref["rejected_labels"]
     assert pair.chosen.truncated == (ref["cutoff_len"] < 400)
+
+
+@pytest.mark.parametrize("key", sorted(REFERENCES["feedback"]))
+def test_kto_rows_are_cut_as_llamafactory_cuts_them(lf_tokenizer, key):
+    """data.overlong: split on KTO rows: the answer and the mismatched (KL) answer, each with the prompt, cut by
+    infer_seqlen as LLaMA-Factory's FeedbackDatasetProcessor does."""
+    from tuneforge.data.encode import encode_last_answer_split
+
+    ref = REFERENCES["feedback"][key]
+    template, _ = resolve_template(LLAMAFACTORY_PREFIX + key.split("/")[0], lf_tokenizer)
+    for answer, ids, labels in ((ref["answer"], "ids", "labels"), (ref["kl_answer"], "kl_ids", "kl_labels")):
+        example = Example("ref", ref["messages"] + [{"role": "assistant", "content": answer}])
+        encoded = encode_last_answer_split(example, lf_tokenizer, template, ref["cutoff_len"])
+        assert encoded.input_ids == ref[ids] and encoded.labels == ref[labels]
