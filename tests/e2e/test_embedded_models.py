@@ -86,6 +86,29 @@ def test_builtin_chatml_tokens_equal_smollm2s_own_template():
 
 
 @needs_smollm2
+def test_llamafactorys_smollm2_template_equals_smollm2s_own():
+    """LLaMA-Factory's `smollm2` rendering (as TuneForge writes it) against the chat template shipped in the model,
+    on the LLaMA-Factory reference conversations: token for token with a system prompt, and without one the only
+    difference is LLaMA-Factory's default system prompt, which ends with a full stop where SmolLM2's does not."""
+    from tuneforge.data.template import LLAMAFACTORY_PREFIX
+
+    tokenizer = load_tokenizer(resolve_model(ModelConfig(name_or_path="smollm2-135m-instruct")))
+    own, _ = resolve_template("auto", tokenizer)
+    theirs, _ = resolve_template(LLAMAFACTORY_PREFIX + "smollm2", tokenizer)
+    refs = json.loads((REPO / "tests" / "assets" / "llamafactory_templates" / "references.json").read_text())
+    for case, ref in refs["templates"]["smollm2"]["cases"].items():
+        if "tools" in ref:
+            continue  # SmolLM2's own template has no tool format
+        for prompt in (True, False):
+            msgs = ref["messages"][:-1] if prompt else ref["messages"]
+            a, b = (t.render(tokenizer, msgs, add_generation_prompt=prompt) for t in (own, theirs))
+            if msgs[0]["role"] == "system":
+                assert a == b, case
+            else:
+                assert b == a.replace("trained by Hugging Face<|im_end|>", "trained by Hugging Face.<|im_end|>", 1)
+
+
+@needs_smollm2
 def test_check_reads_llamafactory_registry_unchanged():
     out = tuneforge("check", "examples/quickstart.yaml", f"data.dataset_dir={LLAMAFACTORY_DATA}",
                     "data.dataset=alpaca_zh_demo,glaive_toolcall_en_demo", "data.cutoff_len=1024",
