@@ -26,6 +26,7 @@ class ChatTemplate:
     jinja: str
     stop: tuple[str, ...] = field(default=())
     thinking: bool = True  # False: reasoning templates render without thoughts (data.enable_thinking)
+    reasoning: bool = False  # one of LLaMA-Factory's reasoning templates (qwen3, deepseekr1, gpt_oss)
     eos_ends_earlier_answers: bool = False  # the token after an earlier answer learns end-of-text (see Span)
 
     @property
@@ -105,7 +106,8 @@ def resolve_template(name: str, tokenizer) -> tuple[ChatTemplate, str | None]:
     entry = table[name]
     stop = list(entry.get("stop", [])) + ([tokenizer.eos_token] if tokenizer.eos_token else [])
     return ChatTemplate(name, entry["jinja"], tuple(dict.fromkeys(stop)),
-                        eos_ends_earlier_answers=entry.get("eos_ends_earlier_answers", False)), note
+                        eos_ends_earlier_answers=entry.get("eos_ends_earlier_answers", False),
+                        reasoning=entry.get("reasoning", False)), note
 
 
 class Span(tuple):

@@ -59,6 +59,10 @@ def prepare(cfg: TuneForgeConfig) -> Prepared:
     template, note = resolve_template(cfg.model.template, tokenizer)
     if not cfg.data.enable_thinking:
         template = replace(template, thinking=False)
+    if template.reasoning and cfg.data.mask_history:
+        raise ConfigError(f"data.mask_history with template {template.name}: LLaMA-Factory drops the thoughts of "
+                          "earlier turns when it trains on the last one only, which TuneForge does not do yet. hint: "
+                          "train on every turn (mask_history: false), or use a template without thoughts")
     if template.name != "auto" or not template.thinking:  # saved with the run: chat and export use this format
         tokenizer.chat_template = template.saved_jinja
     data = load_data(cfg.data, cfg.method.stage, tokenizer, template, default_cache_dir(cfg.model),

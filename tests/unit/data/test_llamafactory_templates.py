@@ -157,3 +157,15 @@ def test_kto_rows_are_cut_as_llamafactory_cuts_them(lf_tokenizer, key):
         example = Example("ref", ref["messages"] + [{"role": "assistant", "content": answer}])
         encoded = encode_last_answer_split(example, lf_tokenizer, template, ref["cutoff_len"])
         assert encoded.input_ids == ref[ids] and encoded.labels == ref[labels]
+
+
+def test_reasoning_templates_refuse_mask_history_rather_than_differ(tiny_config):
+    """LLaMA-Factory drops earlier thoughts under mask_history; until TuneForge does too, the combination is refused."""
+    from tuneforge.config import load_config
+    from tuneforge.errors import ConfigError
+    from tuneforge.train.prepare import prepare
+
+    raw = {**tiny_config, "model": {**tiny_config["model"], "template": "llamafactory:qwen3"},
+           "data": {**tiny_config["data"], "mask_history": True}}
+    with pytest.raises(ConfigError, match="data.mask_history with template llamafactory:qwen3"):
+        prepare(load_config(raw))
