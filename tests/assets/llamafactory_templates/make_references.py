@@ -31,7 +31,12 @@ OUT = HERE / "references.json"
 
 NAMES = ["qwen", "qwen2_5", "qwen3", "qwen3_nothink", "llama2", "llama3", "llama4", "mistral", "ministral", "gemma",
          "gemma3", "glm4", "chatglm3", "deepseek", "deepseek3", "deepseekr1", "yi", "phi", "phi4", "phi4_mini",
-         "smollm2", "intern2", "cpm4", "zephyr", "vicuna", "alpaca", "default", "empty", "chatml", "gpt_oss"]
+         "smollm2", "intern2", "cpm4", "zephyr", "vicuna", "alpaca", "default", "empty", "chatml", "gpt_oss",
+         # the plain text templates ported afterwards from their formatter slots
+         "bailing", "chatml_de", "cohere", "dbrx", "deepseekcoder", "ernie", "exaone",
+         "falcon", "falcon_h1", "gemma2", "granite3", "granite4", "hunyuan", "hunyuan_small", "index", "llama2_zh",
+         "moonlight", "olmo", "openchat", "openchat-3.6", "opencoder", "phi_small", "sailor", "seed_coder", "smollm",
+         "solar", "starchat", "telechat2", "xuanyuan", "yuan"]
 
 SYSTEM = "You are a helpful assistant."
 # Each case: (system or None, [(user, assistant), ...]).
@@ -85,6 +90,8 @@ EXTRA_SPECIALS = [
     "<think>", "</think>", "<tool_call>", "</tool_call>",
     "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
     "<|start|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>",
+    # added with the ported templates (tokens LLaMA-Factory adds as eos or stop words)
+    "<eod>", "<eos>", "<|end_of_sentence|>", "<|end_of_text|>", "<|eos|>", "<｜hy_place▁holder▁no▁2｜>", "<sep>",
 ]
 
 

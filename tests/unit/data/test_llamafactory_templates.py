@@ -34,7 +34,7 @@ def lf_tokenizer():
 
 def test_every_llamafactory_template_asked_for_is_there():
     names = set(REFERENCES["templates"])
-    assert len(names) == 29 and REFERENCES["absent"] == ["qwen2_5"]  # LLaMA-Factory has no qwen2_5 (qwen covers it)
+    assert len(names) == 59 and REFERENCES["absent"] == ["qwen2_5"]  # LLaMA-Factory has no qwen2_5 (qwen covers it)
     table = builtin_templates()
     assert all(LLAMAFACTORY_PREFIX + n in table for n in names)
     assert table["qwen3"] is table[LLAMAFACTORY_PREFIX + "qwen3"]  # new names are usable bare
