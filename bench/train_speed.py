@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,16 @@ REPO = Path(__file__).resolve().parents[1]
 LLAMAFACTORY = "llamafactory==0.9.5"
 VENV = Path.home() / ".cache" / "tuneforge" / "bench" / "llamafactory-venv"
 INSTRUCTION = "判断这条商品评论的情感：好评输出1，差评输出0"
-TEMPLATES = {"smollm2-135m-instruct": ("chatml", "chatml"), "gemma3-270m": ("gemma", "gemma2")}  # TuneForge, LF
+TEMPLATES = {"smollm2-135m-instruct": ("chatml", "chatml"), "gemma3-270m": ("gemma", "gemma2"),
+             "qwen2.5-0.5b-random": ("chatml", "chatml"), "qwen2.5-1.5b-random": ("chatml", "chatml")}  # TF, LF
+# The published architectures of Qwen2.5-0.5B and Qwen2.5-1.5B (their config.json on the Hugging Face hub), built
+# with random weights for the scale curve: speed and memory depend on the shape, not on the values. The token ids
+# come from SmolLM2's tokenizer (49,152 ids, all inside Qwen's 151,936-row embedding).
+QWEN25 = {"qwen2.5-0.5b-random": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768),
+          "qwen2.5-1.5b-random": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                      num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072)}
+MODELS = Path.home() / ".cache" / "tuneforge" / "bench" / "models"
 
 
 @dataclass
@@ -50,6 +60,10 @@ class Result:
     peak_rss: int
     train_loss: float
     accuracy: float = float("nan")
+    variant: str = "lora"
+    target: Path | None = None  # run directory / output folder
+    estimate: int | None = None  # tuneforge check's peak estimate, bytes
+    work: tuple[float, float, float] = (0.0, 0.0, 0.0)  # real tokens, supervised tokens, useful FLOPs per row
 
 
 def main() -> None:
@@ -58,7 +72,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=400, help="first N training rows")
     parser.add_argument("--dev", type=int, default=200, help="dev rows scored after training")
     parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--lf-variants", default="default", help="default and/or no_checkpointing")
+    parser.add_argument("--lf-variants", default="default",
+                        help="default and/or no_checkpointing; empty: no LLaMA-Factory runs")
+    parser.add_argument("--tf-variants", default="lora", help="lora and/or full (full training, TuneForge only)")
     parser.add_argument("--venv", type=Path, default=VENV, help="LLaMA-Factory's virtual environment")
     parser.add_argument("--work", type=Path, default=None, help="folder for data and runs (default: a temp dir)")
     args = parser.parse_args()
@@ -71,8 +87,7 @@ def main() -> None:
     print(f"fp32 matmul peak of this machine: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
     table = []
     for model in args.models.split(","):
-        results, work_per_row = run_model(model, args, cli, data_dir, work)
-        table.append((model, results, work_per_row))
+        table.append((model, run_model(model, args, cli, data_dir, work)))
     again = matmul_peak_gflops()  # a second reading: one taken while the machine is still busy reads low
     print(f"fp32 matmul peak measured again after the runs: {again:.1f} GFLOP/s; MFU uses the higher", flush=True)
     print_table(table, args.rows, max(peak, again))
@@ -145,38 +160,85 @@ def run_tracked(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | 
     return time.perf_counter() - start, peak
 
 
+def random_model(name: str) -> str:
+    """A folder with a randomly initialised Qwen2.5 model of the published shape and SmolLM2's tokenizer, made once
+    and kept under ~/.cache/tuneforge/bench/models."""
+    folder = MODELS / name
+    if (folder / "config.json").exists():
+        return str(folder)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tuneforge.config import ModelConfig
+    from tuneforge.model.loader import load_tokenizer, resolve_model
+
+    print(f"{name}: building a randomly initialised model (no weights are downloaded; its outputs mean nothing)",
+          flush=True)
+    tokenizer = load_tokenizer(resolve_model(ModelConfig(name_or_path="smollm2-135m-instruct")).path)
+    config = Qwen2Config(vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True,
+                         hidden_act="silu", use_sliding_window=False, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **QWEN25[name])
+    torch.manual_seed(0)
+    tmp = folder.with_suffix(".partial")
+    Qwen2ForCausalLM(config).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return str(folder)
+
+
 def run_model(model: str, args, cli: Path, data_dir: Path, work: Path):
     from tuneforge.config import ModelConfig
     from tuneforge.model.loader import resolve_model
 
-    path = resolve_model(ModelConfig(name_or_path=model)).path  # the converted folder both frameworks load
+    if model in QWEN25:
+        path = random_model(model)
+    else:
+        path = resolve_model(ModelConfig(name_or_path=model)).path  # the converted folder both frameworks load
     tf_template, lf_template = TEMPLATES[model]
-    results = [run_tuneforge(model, tf_template, data_dir, work / f"tf-{model}", args)]
-    for variant in args.lf_variants.split(","):
-        results.append(run_llamafactory(cli, path, lf_template, data_dir, work / f"lf-{model}-{variant}", args,
-                                        checkpointing=variant == "default"))
-    targets = [work / f"tf-{model}"] + [work / f"lf-{model}-{v}" for v in args.lf_variants.split(",")]
-    for r, target in zip(results, targets):
-        r.accuracy = dev_accuracy(target, path, tf_template, data_dir, args.dev)
-        print(f"  {r.framework}: dev accuracy {r.accuracy:.3f}", flush=True)
-    return results, work_per_row(model, path, tf_template, data_dir, args.rows)
+    name = path if model in QWEN25 else model
+    results = [run_tuneforge(name, tf_template, data_dir, work / f"tf-{model}-{v}", args, v)
+               for v in args.tf_variants.split(",") if v]
+    lf_results = [run_llamafactory(cli, path, lf_template, data_dir, work / f"lf-{model}-{v}", args,
+                                   checkpointing=v == "default") for v in args.lf_variants.split(",") if v]
+    if model not in QWEN25 and args.dev:  # random weights: an accuracy would mean nothing
+        for r in results + lf_results:
+            r.accuracy = dev_accuracy(r.target, path, tf_template, data_dir, args.dev)
+            print(f"  {r.framework}: dev accuracy {r.accuracy:.3f}", flush=True)
+    for r in results + lf_results:
+        r.work = work_per_row(name, path, tf_template, data_dir, full=r.variant == "full")
+    return results + lf_results
 
 
-def run_tuneforge(model: str, template: str, data_dir: Path, out: Path, args) -> Result:
+def run_tuneforge(model: str, template: str, data_dir: Path, out: Path, args, variant: str) -> Result:
+    adapter = ({"type": "lora", "rank": 8, "alpha": 16, "target_modules": "all"} if variant == "lora"
+               else {"type": "full"})
     config = {
         "model": {"name_or_path": model, "template": template},
         "data": {"dataset": "bench_train", "dataset_dir": str(data_dir), "cutoff_len": 256},
-        "method": {"stage": "sft", "adapter": {"type": "lora", "rank": 8, "alpha": 16, "target_modules": "all"}},
-        "train": {"num_epochs": 1, "batch_size": 8, "learning_rate": args.learning_rate, "lr_scheduler": "cosine",
-                  "logging_steps": 5, "save_steps": 100000, "seed": 42},
+        "method": {"stage": "sft", "adapter": adapter},
+        "train": {"num_epochs": 1, "batch_size": 8, "lr_scheduler": "cosine", "logging_steps": 5,
+                  "learning_rate": args.learning_rate if variant == "lora" else args.learning_rate / 20,
+                  "save_steps": 100000, "seed": 42},
         "output": {"run_dir": str(out), "overwrite": True, "plot_loss": False},
     }
     cfg_path = out.with_suffix(".yaml")
     cfg_path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
-    print(f"{model}: TuneForge training", flush=True)
+    estimate = estimated_peak(cfg_path)
+    framework = "TuneForge" + ("" if variant == "lora" else " (full)")
+    print(f"{Path(model).name}: {framework} training (estimated peak {estimate / 2 ** 30:.2f} GiB)", flush=True)
     wall, rss = run_tracked([sys.executable, "-m", "tuneforge", "train", str(cfg_path)], out.with_suffix(".log"))
     metrics = json.loads((out / "run.json").read_text())["metrics"]
-    return Result("TuneForge", metrics["train_runtime"], wall, rss, metrics["train_loss"])
+    return Result(framework, metrics["train_runtime"], wall, rss, metrics["train_loss"], variant=variant,
+                  target=out, estimate=estimate)
+
+
+def estimated_peak(cfg_path: Path) -> int:
+    """`tuneforge check`'s peak-memory estimate for the config, read from its output, in bytes."""
+    out = subprocess.run([sys.executable, "-m", "tuneforge", "check", str(cfg_path)], capture_output=True,
+                         text=True, check=True).stdout
+    match = re.search(r"memory estimate: ~([0-9.]+) GiB", out)
+    if not match:
+        raise SystemExit(f"no memory estimate in tuneforge check's output:\n{out}")
+    return int(float(match.group(1)) * 2 ** 30)
 
 
 def run_llamafactory(cli: Path, path: str, template: str, data_dir: Path, out: Path, args,
@@ -195,12 +257,13 @@ def run_llamafactory(cli: Path, path: str, template: str, data_dir: Path, out: P
     cfg_path = out.with_suffix(".yaml")
     cfg_path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("VIRTUAL_ENV", None)
+    for key in ("VIRTUAL_ENV", "LD_PRELOAD", "TUNEFORGE_ALLOCATOR_ACTIVE"):  # LLaMA-Factory as its users run it
+        env.pop(key, None)
     name = "LLaMA-Factory" + ("" if checkpointing else " (no checkpointing)")
     print(f"{Path(path).name}: {name} training", flush=True)
     wall, rss = run_tracked([str(cli), "train", str(cfg_path)], out.with_suffix(".log"), env=env, cwd=out.parent)
     metrics = json.loads((out / "all_results.json").read_text())
-    return Result(name, metrics["train_runtime"], wall, rss, metrics["train_loss"])
+    return Result(name, metrics["train_runtime"], wall, rss, metrics["train_loss"], target=out)
 
 
 def dev_accuracy(target: Path, base_path: str, template: str, data_dir: Path, dev: int) -> float:
@@ -229,8 +292,10 @@ def dev_accuracy(target: Path, base_path: str, template: str, data_dir: Path, de
     return result.metrics["accuracy"]
 
 
-def work_per_row(model: str, path: str, template: str, data_dir: Path, rows: int) -> tuple[float, float, float]:
-    """(real tokens, supervised tokens, useful FLOPs) per training row, from TuneForge's tokenization."""
+def work_per_row(model: str, path: str, template: str, data_dir: Path, full: bool) -> tuple[float, float, float]:
+    """(real tokens, supervised tokens, useful FLOPs) per training row, from TuneForge's tokenization. Per real
+    token the decoder blocks cost 2 x weights forward and 2 x backward to their inputs, plus 2 x for the weights'
+    own gradients in full training (LoRA's are negligible); the LM head counts where a loss is taken."""
     from transformers import AutoConfig
 
     from tuneforge.config import load_config
@@ -244,24 +309,38 @@ def work_per_row(model: str, path: str, template: str, data_dir: Path, rows: int
     heads, kv = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     block = (c.hidden_size * head_dim * (2 * heads + 2 * kv) + 3 * c.hidden_size * c.intermediate_size)
-    flops = 4 * block * c.num_hidden_layers * stats["tokens"] + 4 * c.hidden_size * c.vocab_size * stats["supervised_tokens"]
+    factor = 6 if full else 4
+    flops = (factor * block * c.num_hidden_layers * stats["tokens"]
+             + factor * c.hidden_size * c.vocab_size * stats["supervised_tokens"])
     n = stats["sequences"]
     return stats["tokens"] / n, stats["supervised_tokens"] / n, flops / n
 
 
 def print_table(table, rows: int, peak: float) -> None:
     header = (f"{'model':<24}{'framework':<34}{'rows/s':>8}{'sup tok/s':>11}{'tok/s':>8}{'peak RSS':>10}"
-              f"{'loss':>8}{'dev acc':>9}{'MFU':>7}{'wall s':>8}")
+              f"{'estimate':>10}{'est err':>9}{'loss':>8}{'dev acc':>9}{'MFU':>7}{'wall s':>8}")
     print("\n" + header + "\n" + "-" * len(header))
-    for model, results, (tokens, supervised, flops) in table:
+    for model, results in table:
         for r in results:
+            tokens, supervised, flops = r.work
             rows_s = rows / r.runtime
+            estimate = f"{r.estimate / 2 ** 30:>8.2f}GB{(r.estimate - r.peak_rss) / r.peak_rss:>+9.1%}" \
+                if r.estimate else f"{'-':>10}{'-':>9}"
+            accuracy = f"{r.accuracy:>9.3f}" if r.accuracy == r.accuracy else f"{'-':>9}"
             print(f"{model:<24}{r.framework:<34}{rows_s:>8.2f}{rows_s * supervised:>11.1f}{rows_s * tokens:>8.0f}"
-                  f"{r.peak_rss / 2 ** 30:>8.2f}GB{r.train_loss:>8.3f}{r.accuracy:>9.3f}"
+                  f"{r.peak_rss / 2 ** 30:>8.2f}GB{estimate}{r.train_loss:>8.3f}{accuracy}"
                   f"{rows_s * flops / (peak * 1e9):>7.1%}{r.wall:>8.0f}")
-        for r in results[1:]:
-            print(f"{'':<24}TuneForge / {r.framework}: {r.runtime / results[0].runtime:.2f}x rows/s")
+        ours = next((r for r in results if r.variant == "lora" and r.framework.startswith("TuneForge")), None)
+        for r in results:
+            if ours and not r.framework.startswith("TuneForge"):
+                print(f"{'':<24}TuneForge / {r.framework}: {r.runtime / ours.runtime:.2f}x rows/s, "
+                      f"{ours.peak_rss / r.peak_rss:.2f}x peak RSS")
     print(f"\nMFU: useful model FLOPs per second over the measured fp32 matmul peak ({peak:.1f} GFLOP/s).")
+    if any(model in QWEN25 for model, _ in table):
+        print("qwen2.5-*-random: the published Qwen2.5 shapes with random weights (speed and memory only; the loss "
+              "and accuracy of random weights mean nothing).")
+    print("estimate: tuneforge check's peak-memory estimate before training; est err: its error against the "
+          "measured peak RSS.")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if argv is None:  # run as a program: restart with a memory allocator that returns freed memory, if installed
+        from tuneforge.allocator import restart_with_allocator
+
+        restart_with_allocator(args.func.__name__.lstrip("_"), sys.argv[1:])
     try:
         return args.func(args) or 0
     except UserError as err:

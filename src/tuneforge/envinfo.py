@@ -7,6 +7,7 @@ import platform
 
 import torch
 
+from tuneforge.allocator import describe as describe_allocator
 from tuneforge.model.embedded import embedded_models, installed
 from tuneforge.model.loader import default_cache_dir
 
@@ -23,6 +24,7 @@ def describe_environment() -> str:
         lines.append(f"device: cuda x{torch.cuda.device_count()} ({names}); bf16 {torch.cuda.is_bf16_supported()}")
     else:
         lines.append(f"device: cpu ({torch.get_num_threads()} threads), float32")
+    lines.append(describe_allocator())
     lines.append(f"cache: {default_cache_dir()}")
     lines.append("embedded models:")
     for name, entry in embedded_models().items():

@@ -53,9 +53,12 @@ def check(config, overrides: list[str] = (), measure_steps: int = 0) -> CheckRes
                          f"~{need / GIB:.2f} GiB together")
     if need > free:
         switch = suggestion(memory, processes, free, shared=not on_gpu) if engine.shards < 3 else None
-        lines.append("warning: the run will probably not fit. hint: " + (f"shard it with {switch}, or " if switch
-                     else "") + "lower train.batch_size (raise train.gradient_accumulation_steps to keep the "
-                     "effective batch), lower data.cutoff_len, turn on train.gradient_checkpointing, or use LoRA")
+        fit = fitting_switch(cfg, prepared, free) if processes == 1 else None
+        lines.append("warning: the run will probably not fit. hint: " + (
+            f"shard it with {switch}" if switch else
+            f"it fits with {fit[0]} (~{fit[1].total / GIB:.2f} GiB)" if fit else
+            "lower train.batch_size (raise train.gradient_accumulation_steps to keep the effective batch), lower "
+            "data.cutoff_len, turn on train.gradient_checkpointing, or use LoRA"))
     measured = None
     if measure_steps and cfg.method.stage != "ppo":
         measured = measure(cfg, prepared, measure_steps)
@@ -65,6 +68,47 @@ def check(config, overrides: list[str] = (), measure_steps: int = 0) -> CheckRes
         lines.append("measured: not available for stage ppo (rollouts vary in length)")
     lines.append(f"output: {cfg.output.run_dir}")
     return CheckResult(prepared, params, memory, "\n".join(lines), measured)
+
+
+def estimate_for(cfg: TuneForgeConfig, prepared: Prepared, params: ParamCount | None = None) -> MemoryEstimate:
+    """The peak-memory estimate of one training process (`params` counted from the model when not given)."""
+    params = params or count_trainable(cfg, prepared.source, prepared.tokenizer)
+    return estimate_memory(cfg, _model_config(cfg, prepared), params, *_data_shape(prepared))
+
+
+def fitting_switch(cfg: TuneForgeConfig, prepared: Prepared, free: int) -> tuple[str, MemoryEstimate] | None:
+    """The first change of the config, as `key=value` overrides, under which the estimate fits `free` bytes, or
+    None. Tried in the order that changes a run least: gradient checkpointing (the same results for about a third
+    more compute), then also halving the batch while doubling the accumulation (the same effective batch), then
+    LoRA instead of training every weight (other results), then halving the cutoff (longer rows are cut)."""
+    t, adapter = cfg.train, cfg.method.adapter
+    steps: list[list[str]] = []
+    base = [] if t.gradient_checkpointing else ["train.gradient_checkpointing=true"]
+    adapters = [[]] if adapter.type == "lora" else [[], ["method.adapter.type=lora"]]
+    for switch in adapters:
+        batch, accumulation = t.batch_size, t.gradient_accumulation_steps
+        steps.append(switch + base)
+        while batch > 1:
+            batch, accumulation = batch // 2, accumulation * 2
+            steps.append(switch + base + [f"train.batch_size={batch}", f"train.gradient_accumulation_steps="
+                                                                      f"{accumulation}"])
+    cutoff = cfg.data.cutoff_len
+    while cutoff > 256:
+        cutoff //= 2
+        steps.append(steps[-1] + [f"data.cutoff_len={cutoff}"])
+    counted: dict[str, ParamCount] = {}
+    for overrides in steps:
+        if not overrides:
+            continue
+        changed = load_config(cfg, overrides)
+        key = changed.method.adapter.type
+        if key not in counted:
+            counted[key] = count_trainable(changed, prepared.source, prepared.tokenizer)
+        estimate = estimate_for(changed, prepared, counted[key])
+        if estimate.total <= free:
+            return " ".join(o for o in overrides if not o.startswith("data.")) + "".join(
+                f" {o} (longer rows are cut)" for o in overrides if o.startswith("data.")), estimate
+    return None
 
 
 def _model_config(cfg: TuneForgeConfig, prepared: Prepared):

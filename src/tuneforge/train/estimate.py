@@ -3,15 +3,14 @@ time per epoch and peak memory measured over a few real training steps.
 
 The memory model counts weights, gradients and optimizer states of the trainable parameters, the activations
 that backpropagation keeps per token of the largest batch, the logits at supervised positions, and a fixed
-process overhead. Its activation term is an approximation of what a decoder block saves for its backward pass
-(normalisations, projections' inputs, attention, gated MLP), in the training dtype; `tuneforge check --measure`
-reports how far it is from a measured peak on the machine at hand.
+process overhead. The activation term is what autograd saves per token and decoder block (counted with its
+saved-tensor hooks on Llama, Qwen2, Qwen3 and Gemma 3 blocks, see `saved_per_token`), in the training dtype;
+`tuneforge check --measure` reports how far the total is from a measured peak on the machine at hand.
 
-On a CPU the measured peak is the process's resident memory, which includes what glibc's allocator keeps after
-tensors are freed: LoRA's per-layer temporaries grow it by about 2 GiB for 2,000 tokens of SmolLM2-135M (saved
-activations 2.25 GiB, resident growth 4.7 GiB; with MALLOC_MMAP_THRESHOLD_=131072 the growth falls to 2.8 GiB
-but steps take 1.6x as long). The slack below was fitted on such LoRA runs, so full training, with fewer
-temporaries, is overestimated (SmolLM2 sft_full: 7.7 GiB estimated, 4.8 GiB measured).
+On a CPU the measured peak is the process's resident memory, which includes what the memory allocator keeps after
+tensors are freed. The tuneforge command runs on tcmalloc when it is installed (tuneforge.allocator), which hands
+freed memory back; glibc's malloc keeps far more of a step's temporaries (SmolLM2-135M LoRA, batch 8: 5.82 GiB
+peak against 3.74 GiB), so the estimate adds that slack when the process runs on glibc.
 """
 
 from __future__ import annotations
@@ -27,7 +26,10 @@ from tuneforge.model.adapters import ParamCount
 
 GIB = 1024 ** 3
 PROCESS_OVERHEAD = int(0.7 * GIB)  # Python, torch, transformers and the data in a training process (CPU, measured)
-AUTOGRAD_SLACK = 1.2  # measured peaks of SmolLM2-135M and Gemma-3-270M LoRA runs on a CPU over the formula
+# backward's temporaries and what the allocator keeps, over the saved tensors: fitted on measured peaks of LoRA and
+# full training (SmolLM2-135M, Gemma-3-270M, Qwen2.5-0.5B and -1.5B shapes; bench/train_speed.py)
+ACTIVATION_SLACK = 1.0  # tcmalloc or jemalloc (what the tuneforge command preloads when installed), CUDA
+GLIBC_ACTIVATION_SLACK = 1.8  # glibc's malloc
 PAIR_STAGES = {"rm": 2, "dpo": 2, "kto": 2}  # sequences per row: chosen + rejected, answer + mismatched KL pair
 
 
@@ -86,25 +88,61 @@ def _optimizer_bytes(cfg: TuneForgeConfig, model_config, params: ParamCount) -> 
     return (params.trainable - projected + low_rank) * 4 * 2
 
 
-def _activation_bytes(cfg: TuneForgeConfig, c, tokens: int, longest: int, supervised_share: float,
-                      width: int) -> float:
-    h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+QK_NORM = ("qwen3", "gemma3", "olmo2", "olmo3")  # model types that normalise queries and keys per head
+SANDWICH_NORM = ("gemma2", "gemma3")  # model types with norms after attention and MLP as well
+# model types whose MLPs tuneforge.model.lean_mlp makes keep gate and up only
+LEAN_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "olmo2", "olmo3",
+              "granite", "cohere", "ministral3", "smollm3"}
+
+
+def _activation(c) -> str:
+    return getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", "") or ""
+
+
+def saved_per_token(c, trains_weights: bool, lora_rank: int = 0) -> float:
+    """Numbers that backpropagation keeps per token and decoder block, counted with autograd's saved-tensor hooks
+    on Llama, Qwen2, Qwen3 and Gemma 3 blocks (scaled-dot-product attention) while varying one dimension at a
+    time: each norm's input and output, queries, keys and values after rotation, the attention output and its
+    projection's input, the gated MLP's gate, up and product (and its activation, where lean_mlp does not apply);
+    norms' outputs a second time when their weights train."""
+    h, inter = c.hidden_size, c.intermediate_size
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or h // heads
-    # per token and block: norms' inputs and outputs, queries (projected, rotated, attended), keys and values,
-    # the gated MLP's four intermediate tensors; AUTOGRAD_SLACK covers temporaries and allocator rounding
-    per_token = (10 * h + 3 * heads * head_dim + 4 * kv * head_dim + 5 * inter) * AUTOGRAD_SLACK
+    q, k = heads * head_dim, kv * head_dim
+    kind = getattr(c, "model_type", "") or ""
+    mlp = 3 if kind in LEAN_TYPES and _activation(c) in ("silu", "gelu_pytorch_tanh") else 4  # lean_mlp
+    per = (6 if trains_weights else 4) * h + 2 * q + 2 * k + mlp * inter + heads + 7 * lora_rank
+    if kind.startswith(QK_NORM):
+        per += (2 if trains_weights else 1) * (q + k)
+    if kind.startswith(SANDWICH_NORM):
+        per += (4 if trains_weights else 2) * h
+    return per
+
+
+def _activation_bytes(cfg: TuneForgeConfig, c, tokens: int, longest: int, supervised_share: float,
+                      width: int) -> float:
+    adapter = cfg.method.adapter
+    lora_rank = adapter.rank if adapter.type == "lora" else 0
+    per_token = saved_per_token(c, adapter.type != "lora", lora_rank) * activation_slack()
     if cfg.model.attention == "eager":
-        per_token += 2 * heads * min(longest, cfg.data.cutoff_len)  # attention probabilities are kept
-    kept_layers = _layers_with_gradients(cfg, layers)
+        per_token += 2 * c.num_attention_heads * min(longest, cfg.data.cutoff_len)  # attention probabilities
+    kept_layers = _layers_with_gradients(cfg, c.num_hidden_layers)
     if cfg.train.gradient_checkpointing:  # only each block's input, plus one block recomputed at a time
-        blocks = kept_layers * h + per_token
+        blocks = kept_layers * c.hidden_size + per_token
     else:
         blocks = kept_layers * per_token
     supervised = tokens if cfg.method.stage == "pt" else tokens * supervised_share
     logits = supervised * c.vocab_size * 3  # logits, their log-softmax and its gradient (float32)
     return tokens * blocks * width + logits * 4
+
+
+def activation_slack() -> float:
+    if torch.cuda.is_available():
+        return ACTIVATION_SLACK
+    from tuneforge.allocator import loaded
+
+    return ACTIVATION_SLACK if loaded() else GLIBC_ACTIVATION_SLACK
 
 
 def _layers_with_gradients(cfg: TuneForgeConfig, layers: int) -> int:

@@ -22,6 +22,7 @@ from tuneforge.data.collate import KTOCollator, PackedCollator, PadCollator, Pai
 from tuneforge.data.template import stop_token_ids
 from tuneforge.errors import TrainingError
 from tuneforge.model.adapters import ADAPTED_BASE, count_params, moves_base_weights, quantizes_base, save_adapted_base
+from tuneforge.ranks import world_size
 from tuneforge.rundir import RunDir, finish_run, newest_complete_checkpoint, plan_run, start_run
 from tuneforge.train.distributed import barrier, init_processes, is_main, main_first
 from tuneforge.train.callbacks import GracefulStop, MetricsCallback, NonFiniteGuard, stop_if_diverged
@@ -55,6 +56,8 @@ def train(config, overrides: list[str] = ()) -> RunResult:
         print(format_data_report(prepared), flush=True)
         for note in plan.notes:
             print(f"tuneforge: {note}", flush=True)
+    if world_size() == 1 and cfg.method.stage != "ppo":
+        fit_memory(cfg, prepared)
     model = build_model(cfg, prepared.source, prepared.tokenizer)
     if main:
         print(f"tuneforge: {count_params(model)}", flush=True)
@@ -132,6 +135,34 @@ def _keep_stacked_adapters(cfg: TuneForgeConfig, run: RunDir) -> None:
     kept = cfg.model_copy(deep=True)
     kept.model.adapters = copies
     (run.path / "config.yaml").write_text(dump_config(kept), encoding="utf-8")
+
+
+def fit_memory(cfg: TuneForgeConfig, prepared: Prepared) -> None:
+    """Before the model loads: when `tuneforge check`'s estimate is above the memory available and the config
+    leaves train.gradient_checkpointing unset, turn it on when that makes the run fit (the same results for about
+    a third more compute); otherwise say what would fit. Single-process runs only (each process would have to
+    decide the same)."""
+    from tuneforge.train.check import estimate_for, fitting_switch
+    from tuneforge.train.estimate import GIB, available_memory
+
+    try:
+        estimate = estimate_for(cfg, prepared)
+    except Exception as exc:  # an estimate that cannot be made must not stop a run that may fit
+        print(f"tuneforge: no memory estimate ({type(exc).__name__}: {exc})", flush=True)
+        return
+    free, where = available_memory()
+    if estimate.total <= free:
+        return
+    fit = fitting_switch(cfg, prepared, free)
+    message = f"the estimated peak (~{estimate.total / GIB:.1f} GiB) is above the {free / GIB:.1f} GiB {where}"
+    if fit and fit[0] == "train.gradient_checkpointing=true" and "gradient_checkpointing" not in \
+            cfg.train.model_fields_set:
+        cfg.train.gradient_checkpointing = True
+        print(f"tuneforge: {message}: gradient checkpointing turned on (~{fit[1].total / GIB:.1f} GiB; the same "
+              "results, about a third slower; train.gradient_checkpointing=false keeps it off)", flush=True)
+        return
+    hint = f"it fits with {fit[0]} (~{fit[1].total / GIB:.1f} GiB)" if fit else "see `tuneforge check CONFIG`"
+    print(f"tuneforge: warning: {message}; the run may run out of memory. hint: {hint}", flush=True)
 
 
 def _train(cfg: TuneForgeConfig, trainer, stop: GracefulStop, prepared: Prepared, run: RunDir,

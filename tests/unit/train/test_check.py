@@ -67,3 +67,97 @@ def test_settings_that_are_allowed_but_not_meant_are_warned_about(tiny_config):
     report = check(tiny_config, ["train.learning_rate=1e9", "data.cutoff_len=4096"]).report
     assert "warning: train.learning_rate=1e+09 is far above what fine-tuning uses" in report
     assert "warning: data.cutoff_len=4096 is longer than the model's context (512 tokens)" in report
+
+
+def _saved_floats_per_token_and_block(config, lora: bool, tokens: int = 32) -> float:
+    """What autograd really keeps: saved tensors (parameters excluded, shared storages once) of a two-block model
+    minus a one-block model, per token."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.model.lean_mlp import lean_mlps
+
+    kept = []
+    for layers in (1, 2):
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = ["full_attention"] * layers
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        lean_mlps(model)  # as training builds it
+        if lora:
+            model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                     lora_dropout=0.0))
+        else:
+            model.get_input_embeddings().weight.requires_grad_(False)
+        model.train()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=torch.randint(0, 100, (1, tokens))).logits[:, -2:].sum()
+        kept.append(sum(storages.values()))
+    return (kept[1] - kept[0]) / tokens / 4
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_activation_term_is_what_autograd_saves(kind, lora):
+    """The activation term per token and block against the tensors autograd keeps for these architectures
+    (queries, keys and values of different widths, so that each dimension's coefficient is checked)."""
+    from transformers import AutoConfig
+
+    from tuneforge.train.estimate import saved_per_token
+
+    config = AutoConfig.for_model(kind, hidden_size=192, intermediate_size=320, num_attention_heads=6,
+                                  num_key_value_heads=2, head_dim=48, vocab_size=100)
+    config._attn_implementation = "sdpa"
+    measured = _saved_floats_per_token_and_block(config, lora)
+    assert saved_per_token(config, trains_weights=not lora, lora_rank=8 if lora else 0) == pytest.approx(
+        measured, rel=0.02)
+
+
+def test_check_names_the_switch_that_makes_a_run_fit(tiny_config):
+    from tuneforge.train.check import estimate_for, fitting_switch
+    from tuneforge.train.prepare import prepare
+
+    tiny_config["method"] = {"stage": "sft", "adapter": {"type": "full"}}
+    cfg = load_config(tiny_config)
+    prepared = prepare(cfg)
+    full = estimate_for(cfg, prepared)
+    checkpointed = estimate_for(load_config(cfg, ["train.gradient_checkpointing=true"]), prepared)
+    assert checkpointed.total < full.total
+    switch, estimate = fitting_switch(cfg, prepared, checkpointed.total)
+    assert switch == "train.gradient_checkpointing=true" and estimate.total == checkpointed.total
+    switch, estimate = fitting_switch(cfg, prepared, checkpointed.total - 1)
+    assert switch.startswith("train.gradient_checkpointing=true train.batch_size=2 ")  # same effective batch
+    assert estimate.total < checkpointed.total
+    lora = estimate_for(load_config(cfg, ["method.adapter.type=lora"]), prepared)
+    smallest = min(lora.total, estimate.total)
+    assert fitting_switch(cfg, prepared, 1) is None  # nothing fits in one byte
+    assert fitting_switch(cfg, prepared, smallest) is not None
+
+
+def test_train_turns_checkpointing_on_when_the_estimate_does_not_fit(tiny_config, monkeypatch, capsys):
+    from tuneforge.train import estimate, run
+    from tuneforge.train.check import estimate_for
+    from tuneforge.train.prepare import prepare
+
+    cfg = load_config(tiny_config)
+    prepared = prepare(cfg)
+    needed = estimate_for(load_config(cfg, ["train.gradient_checkpointing=true"]), prepared).total
+    monkeypatch.setattr(estimate, "available_memory", lambda: (needed, "available RAM"))
+    run.fit_memory(cfg, prepared)
+    assert cfg.train.gradient_checkpointing
+    assert "gradient checkpointing turned on" in capsys.readouterr().out
+    explicit = load_config(tiny_config, ["train.gradient_checkpointing=false"])
+    run.fit_memory(explicit, prepared)  # the user said no: a warning with the switch, nothing changed
+    assert not explicit.train.gradient_checkpointing
+    out = capsys.readouterr().out
+    assert "warning: the estimated peak" in out and "train.gradient_checkpointing=true" in out
