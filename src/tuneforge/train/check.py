@@ -76,9 +76,12 @@ def estimate_for(cfg: TuneForgeConfig, prepared: Prepared, params: ParamCount | 
     return estimate_memory(cfg, _model_config(cfg, prepared), params, *_data_shape(prepared))
 
 
+FIT_SHARE = 0.95  # a switch is named when its estimate leaves 5% of the free memory (the estimate is within 10%)
+
+
 def fitting_switch(cfg: TuneForgeConfig, prepared: Prepared, free: int) -> tuple[str, MemoryEstimate] | None:
-    """The first change of the config, as `key=value` overrides, under which the estimate fits `free` bytes, or
-    None. Tried in the order that changes a run least: gradient checkpointing (the same results for about a third
+    """The first change of the config, as `key=value` overrides, under which the estimate fits FIT_SHARE of `free`
+    bytes, or None. Tried in the order that changes a run least: gradient checkpointing (the same results for about a third
     more compute), then also halving the batch while doubling the accumulation (the same effective batch), then
     LoRA instead of training every weight (other results), then halving the cutoff (longer rows are cut)."""
     t, adapter = cfg.train, cfg.method.adapter
@@ -105,7 +108,7 @@ def fitting_switch(cfg: TuneForgeConfig, prepared: Prepared, free: int) -> tuple
         if key not in counted:
             counted[key] = count_trainable(changed, prepared.source, prepared.tokenizer)
         estimate = estimate_for(changed, prepared, counted[key])
-        if estimate.total <= free:
+        if estimate.total <= free * FIT_SHARE:
             return " ".join(o for o in overrides if not o.startswith("data.")) + "".join(
                 f" {o} (longer rows are cut)" for o in overrides if o.startswith("data.")), estimate
     return None

@@ -28,7 +28,7 @@ GIB = 1024 ** 3
 PROCESS_OVERHEAD = int(0.7 * GIB)  # Python, torch, transformers and the data in a training process (CPU, measured)
 # backward's temporaries and what the allocator keeps, over the saved tensors: fitted on measured peaks of LoRA and
 # full training (SmolLM2-135M, Gemma-3-270M, Qwen2.5-0.5B and -1.5B shapes; bench/train_speed.py)
-ACTIVATION_SLACK = 1.0  # tcmalloc or jemalloc (what the tuneforge command preloads when installed), CUDA
+ACTIVATION_SLACK = 1.04  # tcmalloc or jemalloc (what the tuneforge command preloads when installed), CUDA
 GLIBC_ACTIVATION_SLACK = 1.8  # glibc's malloc
 PAIR_STAGES = {"rm": 2, "dpo": 2, "kto": 2}  # sequences per row: chosen + rejected, answer + mismatched KL pair
 
@@ -66,7 +66,11 @@ def estimate_memory(cfg: TuneForgeConfig, model_config, params: ParamCount, long
     weights = params.total * weight_bytes
     if cfg.method.stage in ("dpo", "kto", "ppo") and adapter.type != "lora":
         weights *= 2  # a frozen reference copy
-    gradients = params.trainable * 4  # trainable weights are kept in float32
+    # trainable weights are kept in float32. At the peak (the start of the backward pass, every activation still
+    # kept) the gradients of the embedding and LM head exist, while the blocks' arrive as their activations go:
+    # half of those are counted (measured: full training of SmolLM2-135M, Gemma-3-270M, Qwen2.5-0.5B)
+    in_blocks = min(params.trainable, _block_weights(model_config) * model_config.num_hidden_layers)
+    gradients = (params.trainable - in_blocks / 2) * 4
     optimizer = _optimizer_bytes(cfg, model_config, params)
     sequences = t.batch_size * PAIR_STAGES.get(cfg.method.stage, 1)
     tokens = sequences * min(longest, cfg.data.cutoff_len)
@@ -135,6 +139,14 @@ def _activation_bytes(cfg: TuneForgeConfig, c, tokens: int, longest: int, superv
     supervised = tokens if cfg.method.stage == "pt" else tokens * supervised_share
     logits = supervised * c.vocab_size * 3  # logits, their log-softmax and its gradient (float32)
     return tokens * blocks * width + logits * 4
+
+
+def _block_weights(c) -> int:
+    """Weights of one decoder block's projections (attention and gated MLP)."""
+    h, heads = c.hidden_size, c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or h // heads
+    return 2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * c.intermediate_size
 
 
 def activation_slack() -> float:
