@@ -56,11 +56,12 @@ def train(config, overrides: list[str] = ()) -> RunResult:
         print(format_data_report(prepared), flush=True)
         for note in plan.notes:
             print(f"tuneforge: {note}", flush=True)
-    if world_size() == 1 and cfg.method.stage != "ppo":
-        fit_memory(cfg, prepared)
     model = build_model(cfg, prepared.source, prepared.tokenizer)
+    params = count_params(model)
     if main:
-        print(f"tuneforge: {count_params(model)}", flush=True)
+        print(f"tuneforge: {params}", flush=True)
+    if world_size() == 1 and cfg.method.stage != "ppo" and cfg.model.quantization_bit is None:
+        fit_memory(cfg, prepared, params)
     reference = build_reference(cfg, prepared.source)
     trainer = stop = None
     if cfg.method.stage != "ppo":
@@ -137,16 +138,16 @@ def _keep_stacked_adapters(cfg: TuneForgeConfig, run: RunDir) -> None:
     (run.path / "config.yaml").write_text(dump_config(kept), encoding="utf-8")
 
 
-def fit_memory(cfg: TuneForgeConfig, prepared: Prepared) -> None:
-    """Before the model loads: when `tuneforge check`'s estimate is above the memory available and the config
-    leaves train.gradient_checkpointing unset, turn it on when that makes the run fit (the same results for about
-    a third more compute); otherwise say what would fit. Single-process runs only (each process would have to
-    decide the same)."""
+def fit_memory(cfg: TuneForgeConfig, prepared: Prepared, params=None) -> None:
+    """Before training: when `tuneforge check`'s estimate is above the memory available and the config leaves
+    train.gradient_checkpointing unset, turn it on when that makes the run fit (the same results for about a third
+    more compute); otherwise say what would fit. Single-process runs of unquantized models only (each process would
+    have to decide the same; QLoRA prepares checkpointing while loading)."""
     from tuneforge.train.check import estimate_for, fitting_switch
     from tuneforge.train.estimate import GIB, available_memory
 
     try:
-        estimate = estimate_for(cfg, prepared)
+        estimate = estimate_for(cfg, prepared, params)
     except Exception as exc:  # an estimate that cannot be made must not stop a run that may fit
         print(f"tuneforge: no memory estimate ({type(exc).__name__}: {exc})", flush=True)
         return
