@@ -5,6 +5,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from tests.conftest import saved_tensor_bytes
 from tuneforge.model.lean_mlp import lean_mlps
 
 
@@ -45,17 +46,7 @@ def test_the_same_loss_and_gradients_bit_for_bit(kind, lora):
 
 def test_one_intermediate_tensor_less_is_kept():
     def saved_bytes(model):
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=torch.zeros(1, 24, dtype=torch.long)).logits.sum()
-        return sum(seen.values())
+        return saved_tensor_bytes(model, torch.zeros(1, 24, dtype=torch.long))
 
     plain, _ = _model("llama", True, lean=False)
     lean, _ = _model("llama", True, lean=True)

@@ -3,7 +3,7 @@ touching the run directory."""
 
 import pytest
 
-from tests.conftest import build_tiny_model
+from tests.conftest import build_tiny_model, saved_tensor_bytes
 from tuneforge.cli import main
 from tuneforge.config import load_config
 from tuneforge.model.adapters import ParamCount
@@ -93,18 +93,7 @@ def _saved_floats_per_token_and_block(config, lora: bool, tokens: int = 32) -> f
                                                      lora_dropout=0.0))
         else:
             model.get_input_embeddings().weight.requires_grad_(False)
-        model.train()
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=torch.randint(0, 100, (1, tokens))).logits[:, -2:].sum()
-        kept.append(sum(storages.values()))
+        kept.append(saved_tensor_bytes(model.train(), torch.randint(0, 100, (1, tokens))))
     return (kept[1] - kept[0]) / tokens / 4
 
 
