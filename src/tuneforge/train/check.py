@@ -82,7 +82,7 @@ FIT_SHARE = 0.95  # a switch is named when its estimate leaves 5% of the free me
 def fitting_switch(cfg: TuneForgeConfig, prepared: Prepared, free: int) -> tuple[str, MemoryEstimate] | None:
     """The first change of the config, as `key=value` overrides, under which the estimate fits FIT_SHARE of `free`
     bytes, or None. Tried in the order that changes a run least: gradient checkpointing (the same results for about a third
-    more compute), then also halving the batch while doubling the accumulation (the same effective batch), then
+    more compute), then also halving an even batch while doubling the accumulation (the same effective batch), then
     LoRA instead of training every weight (other results), then halving the cutoff (longer rows are cut)."""
     t, adapter = cfg.train, cfg.method.adapter
     steps: list[list[str]] = []
@@ -91,7 +91,7 @@ def fitting_switch(cfg: TuneForgeConfig, prepared: Prepared, free: int) -> tuple
     for switch in adapters:
         batch, accumulation = t.batch_size, t.gradient_accumulation_steps
         steps.append(switch + base)
-        while batch > 1:
+        while batch > 1 and batch % 2 == 0:
             batch, accumulation = batch // 2, accumulation * 2
             steps.append(switch + base + [f"train.batch_size={batch}", f"train.gradient_accumulation_steps="
                                                                       f"{accumulation}"])

@@ -135,6 +135,19 @@ def test_check_names_the_switch_that_makes_a_run_fit(tiny_config):
     assert fitting_switch(cfg, prepared, int(smallest / FIT_SHARE) + 1) is not None
 
 
+def test_switch_halves_only_even_batches(tiny_config):
+    """Halving a batch of 3 with doubled accumulation would not keep the effective batch: no such switch."""
+    from tuneforge.train.check import FIT_SHARE, estimate_for, fitting_switch
+    from tuneforge.train.prepare import prepare
+
+    tiny_config["method"] = {"stage": "sft", "adapter": {"type": "full"}}
+    cfg = load_config(tiny_config, ["train.batch_size=3"])
+    prepared = prepare(cfg)
+    checkpointed = estimate_for(load_config(cfg, ["train.gradient_checkpointing=true"]), prepared)
+    switch, _ = fitting_switch(cfg, prepared, int(checkpointed.total / FIT_SHARE) - 1)
+    assert "train.batch_size" not in switch and "method.adapter.type=lora" in switch
+
+
 def test_train_turns_checkpointing_on_when_the_estimate_does_not_fit(tiny_config, monkeypatch, capsys):
     from tuneforge.train import check as check_module
     from tuneforge.train import estimate, run
