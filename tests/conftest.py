@@ -51,9 +51,12 @@ def saved_tensor_bytes(model, input_ids) -> int:
     the loss is taken at the last two positions."""
     import torch
 
+    from tuneforge.model.lean_mlp import observing
+
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages = {}
 
+    @observing
     def pack(t):
         if t.untyped_storage().data_ptr() not in params:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()

@@ -1,13 +1,16 @@
-"""Gated MLPs that keep one tensor less for backpropagation.
+"""Gated MLPs that keep two tensors less for backpropagation.
 
 A Llama-style MLP computes down(act(gate(x)) * up(x)). Autograd keeps four tensors of the intermediate width per
 token for it: gate(x) (for act's gradient), act(gate(x)) and up(x) (for the product's), and the product (the input
-of down's adapter or weight). act(gate(x)) is cheap to compute again from gate(x), so `GatedProduct` keeps gate(x)
-and up(x) and recomputes the activation in the backward pass with the same kernels autograd would use: the
-gradients are bitwise the same, and a quarter of the MLP's saved activations (for SmolLM2-135M, 15% of all the
-activations training keeps) is not held. Applied while training to the MLP classes listed in `LEAN_MLPS` whose
-activation is SiLU or tanh-approximated GELU; other models (and MLPs replaced by other kernels, such as Liger's)
-are left as they are.
+of down's adapter or weight). Both act(gate(x)) and the product are cheap to compute again from gate(x) and up(x)
+(two elementwise passes, no matrix product), so `GatedProduct` keeps gate(x) and up(x) only and recomputes the
+activation in its backward pass with the same kernels autograd would use, and the tensor that down_proj saves is
+packed as a recipe (saved-tensor hooks) and recomputed when down's backward asks for it. The gradients are bitwise
+the same, and half of the MLP's saved activations (for SmolLM2-135M LoRA, about a third of all the activations
+training keeps) is not held. Applied while training to the MLP classes listed in `LEAN_MLPS` whose activation is
+SiLU or tanh-approximated GELU; other models (and MLPs replaced by other kernels, such as Liger's) are left as they
+are. Under gradient checkpointing (or any other saved-tensor hooks already in force) the product is saved as usual:
+those hooks decide what is kept.
 """
 
 from __future__ import annotations
@@ -62,8 +65,54 @@ def activation_kind(act) -> str | None:
     return None
 
 
+class _RecomputedProduct:
+    """Stands for the product (or a view of it) in down_proj's saved tensors: gate and up, which GatedProduct keeps
+    anyway, and the view's geometry."""
+
+    __slots__ = ("gate", "up", "kind", "size", "stride", "offset")
+
+    def __init__(self, gate, up, kind, saved: torch.Tensor):
+        self.gate, self.up, self.kind = gate, up, kind
+        self.size, self.stride, self.offset = saved.size(), saved.stride(), saved.storage_offset()
+
+    def tensor(self) -> torch.Tensor:
+        return (_act(self.gate, self.kind) * self.up).as_strided(self.size, self.stride, self.offset)
+
+
+def observing(pack):
+    """Marks a saved-tensor pack hook that only looks at the tensors it is given and keeps them as they are (a
+    measurement): lean MLPs still recompute their product under it, and pass it every other tensor."""
+    pack.observes_only = True
+    return pack
+
+
+def _recompute_hooks(gate: torch.Tensor, up: torch.Tensor, kind: str, product: torch.Tensor, outer):
+    # autograd keeps both hooks with every tensor they packed: they must not hold the product itself
+    storage = product.untyped_storage()
+    pointer, nbytes, dtype, device = storage.data_ptr(), storage.nbytes(), product.dtype, product.device
+    outer_pack, outer_unpack = outer or (lambda t: t, lambda t: t)
+
+    def pack(saved: torch.Tensor):
+        if saved.dtype == dtype and saved.device == device:
+            other = saved.untyped_storage()
+            if other.data_ptr() == pointer and other.nbytes() == nbytes:
+                return _RecomputedProduct(gate, up, kind, saved)
+        return outer_pack(saved)
+
+    def unpack(packed):
+        return packed.tensor() if isinstance(packed, _RecomputedProduct) else outer_unpack(packed)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 def _lean_forward(self, x):
-    return self.down_proj(GatedProduct.apply(self.gate_proj(x), self.up_proj(x), self._lean_kind))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    product = GatedProduct.apply(gate, up, self._lean_kind)
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if not product.requires_grad or (outer is not None and not getattr(outer[0], "observes_only", False)):
+        return self.down_proj(product)  # checkpointing or offloading hooks decide what is kept
+    with _recompute_hooks(gate.detach(), up.detach(), self._lean_kind, product, outer):
+        return self.down_proj(product)
 
 
 def lean_mlps(model) -> int:

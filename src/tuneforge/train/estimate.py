@@ -107,7 +107,7 @@ def saved_per_token(c, trains_weights: bool, lora_rank: int = 0) -> float:
     """Numbers that backpropagation keeps per token and decoder block, counted with autograd's saved-tensor hooks
     on Llama, Qwen2, Qwen3 and Gemma 3 blocks (scaled-dot-product attention) while varying one dimension at a
     time: each norm's input and output, queries, keys and values after rotation, the attention output and its
-    projection's input, the gated MLP's gate, up and product (and its activation, where lean_mlp does not apply);
+    projection's input, the gated MLP's gate and up (and its activation and product, where lean_mlp does not apply);
     norms' outputs a second time when their weights train."""
     h, inter = c.hidden_size, c.intermediate_size
     heads = c.num_attention_heads
@@ -115,7 +115,7 @@ def saved_per_token(c, trains_weights: bool, lora_rank: int = 0) -> float:
     head_dim = getattr(c, "head_dim", None) or h // heads
     q, k = heads * head_dim, kv * head_dim
     kind = getattr(c, "model_type", "") or ""
-    mlp = 3 if kind in LEAN_TYPES and _activation(c) in ("silu", "gelu_pytorch_tanh") else 4  # lean_mlp
+    mlp = 2 if kind in LEAN_TYPES and _activation(c) in ("silu", "gelu_pytorch_tanh") else 4  # lean_mlp
     per = (6 if trains_weights else 4) * h + 2 * q + 2 * k + mlp * inter + heads + 7 * lora_rank
     if kind.startswith(QK_NORM):
         per += (2 if trains_weights else 1) * (q + k)

@@ -1,4 +1,4 @@
-"""Gated MLPs keep gate and up only: bitwise the same loss and gradients, one intermediate tensor less kept."""
+"""Gated MLPs keep gate and up only: bitwise the same loss and gradients, two intermediate tensors less kept."""
 
 import pytest
 import torch
@@ -44,15 +44,55 @@ def test_the_same_loss_and_gradients_bit_for_bit(kind, lora):
         assert torch.equal(grad, lean_grads[name]), name
 
 
-def test_one_intermediate_tensor_less_is_kept():
+def test_two_intermediate_tensors_less_are_kept():
     def saved_bytes(model):
         return saved_tensor_bytes(model, torch.zeros(1, 24, dtype=torch.long))
 
     plain, _ = _model("llama", True, lean=False)
     lean, _ = _model("llama", True, lean=True)
-    assert saved_bytes(plain) - saved_bytes(lean) == 2 * 24 * 160 * 4  # two blocks x 24 tokens x width, float32
+    # act(gate) and the product: two blocks x 24 tokens x width x 2, float32
+    assert saved_bytes(plain) - saved_bytes(lean) == 2 * 24 * 160 * 4 * 2
 
 
 def test_other_activations_are_left_alone():
     model, changed = _model("llama", True, lean=True, hidden_act="relu")
     assert changed == 0
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    """Non-reentrant checkpointing packs saved tensors with hooks of its own (the product is left to them);
+    reentrant checkpointing recomputes each block with the lean MLP's hooks in force."""
+    ids = torch.randint(0, 120, (2, 24), generator=torch.Generator().manual_seed(2))
+    results = []
+    for lean in (False, True):
+        model, _ = _model("llama", False, lean=lean)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.enable_input_require_grads()
+        results.append(_loss_and_grads(model, ids))
+    (loss, grads), (lean_loss, lean_grads) = results
+    assert torch.equal(loss, lean_loss) and grads.keys() == lean_grads.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, lean_grads[name]), name
+
+
+def test_inference_keeps_nothing():
+    model, _ = _model("llama", True, lean=True)
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros(1, 8, dtype=torch.long)).logits
+    assert out.grad_fn is None
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_the_product_is_freed_after_the_forward_pass(lora):
+    """Nothing (autograd's saved tensors, the hooks autograd keeps with them) holds down_proj's input."""
+    import weakref
+
+    model, _ = _model("llama", lora, lean=True)
+    inputs = []
+    for module in model.modules():
+        if type(module).__name__ == "LlamaMLP":
+            module.down_proj.register_forward_pre_hook(lambda _, args: inputs.append(weakref.ref(args[0])))
+    loss = model(input_ids=torch.zeros(1, 24, dtype=torch.long), labels=torch.zeros(1, 24, dtype=torch.long)).loss
+    assert len(inputs) == 2 and all(ref() is None for ref in inputs)
+    loss.backward()
