@@ -16,7 +16,9 @@ those hooks decide what is kept.
 from __future__ import annotations
 
 import functools
+import threading
 import types
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -65,54 +67,161 @@ def activation_kind(act) -> str | None:
     return None
 
 
-class _RecomputedProduct:
-    """Stands for the product (or a view of it) in down_proj's saved tensors: gate and up, which GatedProduct keeps
-    anyway, and the view's geometry."""
+class _Recipe:
+    """How to compute a tensor again from tensors autograd keeps anyway; computed once per backward pass, however
+    many saved views stand for it, and dropped with the last of them."""
 
-    __slots__ = ("gate", "up", "kind", "size", "stride", "offset")
+    __slots__ = ("fn", "args", "value", "__weakref__")
 
-    def __init__(self, gate, up, kind, saved: torch.Tensor):
-        self.gate, self.up, self.kind = gate, up, kind
-        self.size, self.stride, self.offset = saved.size(), saved.stride(), saved.storage_offset()
+    def __init__(self, fn, args):
+        self.fn, self.args, self.value = fn, args, None
 
     def tensor(self) -> torch.Tensor:
-        return (_act(self.gate, self.kind) * self.up).as_strided(self.size, self.stride, self.offset)
+        if self.value is None:
+            with torch.no_grad():
+                self.value = self.fn(*self.args)
+        return self.value
+
+
+class _Packed:
+    """A saved tensor (or view) that a recipe stands for: the recipe and the view's geometry."""
+
+    __slots__ = ("recipe", "size", "stride", "offset")
+
+    def __init__(self, recipe: _Recipe, saved: torch.Tensor):
+        self.recipe, self.size, self.stride = recipe, saved.size(), saved.stride()
+        self.offset = saved.storage_offset()
+
+    def tensor(self) -> torch.Tensor:
+        return self.recipe.tensor().as_strided(self.size, self.stride, self.offset)
 
 
 def observing(pack):
     """Marks a saved-tensor pack hook that only looks at the tensors it is given and keeps them as they are (a
-    measurement): lean MLPs still recompute their product under it, and pass it every other tensor."""
+    measurement): lean modules still recompute under it, and pass it every other tensor."""
     pack.observes_only = True
     return pack
 
 
-def _recompute_hooks(gate: torch.Tensor, up: torch.Tensor, kind: str, product: torch.Tensor, outer):
-    # autograd keeps both hooks with every tensor they packed: they must not hold the product itself
-    storage = product.untyped_storage()
-    pointer, nbytes, dtype, device = storage.data_ptr(), storage.nbytes(), product.dtype, product.device
-    outer_pack, outer_unpack = outer or (lambda t: t, lambda t: t)
+_scopes = threading.local()
 
-    def pack(saved: torch.Tensor):
-        if saved.dtype == dtype and saved.device == device:
-            other = saved.untyped_storage()
-            if other.data_ptr() == pointer and other.nbytes() == nbytes:
-                return _RecomputedProduct(gate, up, kind, saved)
-        return outer_pack(saved)
 
-    def unpack(packed):
-        return packed.tensor() if isinstance(packed, _RecomputedProduct) else outer_unpack(packed)
+class _Scope:
+    """Saved-tensor hooks that pack a registered tensor (found by its storage) as its recipe. The registry is
+    emptied when the scope closes: autograd keeps both hooks with every tensor they packed, so they must not hold
+    a registered tensor or its inputs after the forward pass."""
 
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+    def __init__(self, outer):
+        entries: dict[int, tuple] = {}
+        outer_pack, outer_unpack = outer or (lambda t: t, lambda t: t)
+
+        def pack(saved: torch.Tensor):
+            try:
+                storage = saved.untyped_storage()
+                entry = entries.get(storage.data_ptr())
+            except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+                entry = None
+            if entry is not None:
+                ref, nbytes, recipe = entry
+                live = ref()  # alive, so its storage has not been freed and reused by another tensor
+                if live is not None and storage.nbytes() == nbytes and saved.dtype == live.dtype and \
+                        saved.device == live.device:
+                    return _Packed(recipe, saved)
+            return outer_pack(saved)
+
+        def unpack(packed):
+            return packed.tensor() if isinstance(packed, _Packed) else outer_unpack(packed)
+
+        self.entries, self.hooks = entries, torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def register(self, tensor: torch.Tensor, fn, *args) -> None:
+        storage = tensor.untyped_storage()
+        self.entries[storage.data_ptr()] = (weakref.ref(tensor), storage.nbytes(), _Recipe(fn, args))
+
+    def __enter__(self):
+        self.hooks.__enter__()
+        stack = getattr(_scopes, "stack", None) or []
+        _scopes.stack = stack + [self]
+        return self
+
+    def __exit__(self, *exc):
+        _scopes.stack = _scopes.stack[:-1]
+        self.entries.clear()
+        return self.hooks.__exit__(*exc)
+
+
+def _open_scope(needs_grad: bool) -> _Scope | None:
+    """A new scope, or None where nothing is kept for backward or other hooks (gradient checkpointing, offloading)
+    decide what is kept."""
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if not needs_grad or (outer is not None and not getattr(outer[0], "observes_only", False)):
+        return None
+    return _Scope(outer)
+
+
+def _current_scope() -> _Scope | None:
+    stack = getattr(_scopes, "stack", None)
+    if not stack:
+        return None
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return stack[-1] if top is not None and top[0] is stack[-1].hooks.pack_hook else None
+
+
+def _product(gate, up, kind):
+    return _act(gate, kind) * up
 
 
 def _lean_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     product = GatedProduct.apply(gate, up, self._lean_kind)
-    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if not product.requires_grad or (outer is not None and not getattr(outer[0], "observes_only", False)):
-        return self.down_proj(product)  # checkpointing or offloading hooks decide what is kept
-    with _recompute_hooks(gate.detach(), up.detach(), self._lean_kind, product, outer):
+    scope = _current_scope() if torch.is_grad_enabled() else None
+    if scope is not None:  # the decoder layer's
+        scope.register(product, _product, gate.detach(), up.detach(), self._lean_kind)
         return self.down_proj(product)
+    scope = _open_scope(torch.is_grad_enabled())
+    if scope is None:
+        return self.down_proj(product)
+    with scope:
+        scope.register(product, _product, gate.detach(), up.detach(), self._lean_kind)
+        return self.down_proj(product)
+
+
+def _lean_norm_forward(self, x):
+    out = type(self).forward(self, x)
+    scope = _current_scope() if torch.is_grad_enabled() else None
+    if scope is not None:  # the input may need no gradient (frozen embeddings) while an adapter keeps the output
+        scope.register(out, functools.partial(type(self).forward, self), x.detach())
+    return out
+
+
+def _scoped_layer_forward(self, *args, **kwargs):
+    scope = _open_scope(torch.is_grad_enabled())
+    if scope is None:
+        return self._lean_inner_forward(*args, **kwargs)
+    with scope:
+        return self._lean_inner_forward(*args, **kwargs)
+
+
+def lean_norms(model) -> int:
+    """Make the decoder layers of the model types in `lean_mlp.LEAN_MLPS`'s families recompute their RMSNorms'
+    outputs (the projections' inputs) in the backward pass instead of keeping them; returns how many layers were
+    changed. Not for weights sharded across processes (DeepSpeed ZeRO-3, FSDP): the norm's weight must be whole
+    when backward recomputes."""
+    changed = 0
+    for layer in model.modules():
+        name = type(layer).__name__
+        if not name.endswith("DecoderLayer") or name.replace("DecoderLayer", "MLP") not in LEAN_MLPS:
+            continue
+        norms = [child for child_name, child in layer.named_children()
+                 if child_name.endswith("layernorm") and type(child).__name__.endswith("RMSNorm")]
+        if not norms:
+            continue
+        for norm in norms:
+            norm.forward = types.MethodType(_lean_norm_forward, norm)
+        layer._lean_inner_forward = layer.forward
+        layer.forward = types.MethodType(_scoped_layer_forward, layer)
+        changed += 1
+    return changed
 
 
 def lean_mlps(model) -> int:

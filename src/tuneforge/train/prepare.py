@@ -16,7 +16,7 @@ from tuneforge.model.adapters import (ParamCount, apply_adapter, check_loftq, co
                                       upcast_trainable)
 from tuneforge.model.depth import CONFIG_KEY, ROUTER, apply_mixture_of_depths
 from tuneforge.model.integrity import verify_weight_folder
-from tuneforge.model.lean_mlp import lean_mlps
+from tuneforge.model.lean_mlp import lean_mlps, lean_norms
 from tuneforge.model.loader import (ModelSource, add_new_tokens, check_kernels, default_cache_dir, fit_vocabulary,
                                    load_model, load_tokenizer, new_token_ids, quantization_config, resolve_dtype,
                                    resolve_model)
@@ -104,7 +104,9 @@ def build_model(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None):
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
     model = make_trainable(cfg, model, tokenizer)
-    lean_mlps(model)  # the same gradients, one intermediate tensor per MLP less kept for backward
+    lean_mlps(model)  # the same gradients, two intermediate tensors per MLP less kept for backward
+    if not (cfg.train.deepspeed or cfg.train.fsdp):  # norms recompute with their whole weight
+        lean_norms(model)  # the same gradients, the norms' outputs recomputed in backward
     if dtype != torch.float32:
         upcast_trainable(model)
     return model

@@ -1,4 +1,4 @@
-"""Gated MLPs keep gate and up only: bitwise the same loss and gradients, two intermediate tensors less kept."""
+"""Gated MLPs keep gate and up only, norms recompute their outputs: bitwise the same loss and gradients, less kept."""
 
 import pytest
 import torch
@@ -6,10 +6,10 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from tests.conftest import saved_tensor_bytes
-from tuneforge.model.lean_mlp import lean_mlps
+from tuneforge.model.lean_mlp import lean_mlps, lean_norms
 
 
-def _model(kind: str, lora: bool, lean: bool, **extra):
+def _model(kind: str, lora: bool, lean: bool, norms: bool = True, **extra):
     config = AutoConfig.for_model(kind, hidden_size=64, intermediate_size=160, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=120, **extra)
     if getattr(config, "layer_types", None) is not None:
@@ -20,6 +20,8 @@ def _model(kind: str, lora: bool, lean: bool, **extra):
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
                                                  init_lora_weights=False))
     changed = lean_mlps(model) if lean else 0
+    if lean and norms:
+        assert lean_norms(model) == 2
     return model.train(), changed
 
 
@@ -49,9 +51,18 @@ def test_two_intermediate_tensors_less_are_kept():
         return saved_tensor_bytes(model, torch.zeros(1, 24, dtype=torch.long))
 
     plain, _ = _model("llama", True, lean=False)
-    lean, _ = _model("llama", True, lean=True)
+    lean, _ = _model("llama", True, lean=True, norms=False)
     # act(gate) and the product: two blocks x 24 tokens x width x 2, float32
     assert saved_bytes(plain) - saved_bytes(lean) == 2 * 24 * 160 * 4 * 2
+
+
+def test_the_norms_outputs_are_not_kept():
+    def saved_bytes(model):
+        return saved_tensor_bytes(model, torch.zeros(1, 24, dtype=torch.long))
+
+    mlps, _ = _model("llama", True, lean=True, norms=False)
+    both, _ = _model("llama", True, lean=True)
+    assert saved_bytes(mlps) - saved_bytes(both) == 2 * 2 * 24 * 64 * 4  # two norms x two blocks x 24 tokens x width
 
 
 def test_other_activations_are_left_alone():

@@ -78,7 +78,7 @@ def _saved_floats_per_token_and_block(config, lora: bool, tokens: int = 32) -> f
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tuneforge.model.lean_mlp import lean_mlps
+    from tuneforge.model.lean_mlp import lean_mlps, lean_norms
 
     kept = []
     for layers in (1, 2):
@@ -88,6 +88,7 @@ def _saved_floats_per_token_and_block(config, lora: bool, tokens: int = 32) -> f
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
         lean_mlps(model)  # as training builds it
+        lean_norms(model)
         if lora:
             model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
                                                      lora_dropout=0.0))
