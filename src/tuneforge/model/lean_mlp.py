@@ -29,27 +29,31 @@ LEAN_MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemm
 
 
 class GatedProduct(torch.autograd.Function):
-    """act(gate) * up, keeping gate and up only."""
+    """act(gate) * up, keeping gate and up only. `shared` is a list into which the recomputed product's recipe
+    puts act(gate) when it runs first (down_proj's backward comes before this one), so that the activation is
+    computed once; the gradients are written over temporaries the backward pass owns."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
-        ctx.kind = kind
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, kind: str, shared: list | None = None) -> torch.Tensor:
+        ctx.kind, ctx.shared = kind, shared
         ctx.save_for_backward(gate, up)
         return _act(gate, kind) * up
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
+        act = ctx.shared.pop() if ctx.shared else None
         grad_gate = grad_up = None
         if ctx.needs_input_grad[1]:
-            grad_up = grad * _act(gate, ctx.kind)
+            grad_up = act.mul_(grad) if act is not None else grad * _act(gate, ctx.kind)
         if ctx.needs_input_grad[0]:
             grad_act = grad * up
             if ctx.kind == "silu":
-                grad_gate = torch.ops.aten.silu_backward(grad_act, gate)
+                grad_gate = torch.ops.aten.silu_backward.grad_input(grad_act, gate, grad_input=grad_act)
             else:
-                grad_gate = torch.ops.aten.gelu_backward(grad_act, gate, approximate="tanh")
-        return grad_gate, grad_up, None
+                grad_gate = torch.ops.aten.gelu_backward.grad_input(grad_act, gate, approximate="tanh",
+                                                                    grad_input=grad_act)
+        return grad_gate, grad_up, None, None
 
 
 def _act(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -167,22 +171,25 @@ def _current_scope() -> _Scope | None:
     return stack[-1] if top is not None and top[0] is stack[-1].hooks.pack_hook else None
 
 
-def _product(gate, up, kind):
-    return _act(gate, kind) * up
+def _product(gate, up, kind, shared: list):
+    act = _act(gate, kind)
+    shared.append(act)  # for GatedProduct's backward
+    return act * up
 
 
 def _lean_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
-    product = GatedProduct.apply(gate, up, self._lean_kind)
+    shared = []
+    product = GatedProduct.apply(gate, up, self._lean_kind, shared)
     scope = _current_scope() if torch.is_grad_enabled() else None
     if scope is not None:  # the decoder layer's
-        scope.register(product, _product, gate.detach(), up.detach(), self._lean_kind)
+        scope.register(product, _product, gate.detach(), up.detach(), self._lean_kind, shared)
         return self.down_proj(product)
     scope = _open_scope(torch.is_grad_enabled())
     if scope is None:
         return self.down_proj(product)
     with scope:
-        scope.register(product, _product, gate.detach(), up.detach(), self._lean_kind)
+        scope.register(product, _product, gate.detach(), up.detach(), self._lean_kind, shared)
         return self.down_proj(product)
 
 
