@@ -1,4 +1,4 @@
-"""Gated MLPs that keep two tensors less for backpropagation.
+"""Gated MLPs and decoder layers that keep less for backpropagation, with bitwise the same gradients.
 
 A Llama-style MLP computes down(act(gate(x)) * up(x)). Autograd keeps four tensors of the intermediate width per
 token for it: gate(x) (for act's gradient), act(gate(x)) and up(x) (for the product's), and the product (the input
@@ -9,7 +9,13 @@ packed as a recipe (saved-tensor hooks) and recomputed when down's backward asks
 the same, and half of the MLP's saved activations (for SmolLM2-135M LoRA, about a third of all the activations
 training keeps) is not held. Applied while training to the MLP classes listed in `LEAN_MLPS` whose activation is
 SiLU or tanh-approximated GELU; other models (and MLPs replaced by other kernels, such as Liger's) are left as they
-are. Under gradient checkpointing (or any other saved-tensor hooks already in force) the product is saved as usual:
+are.
+
+`lean_norms` does the same for the RMSNorms of those models' decoder layers: the projections after a norm keep its
+output, which the norm's input (kept by the norm itself) gives again, so a layer-wide scope packs the output as a
+recipe and the backward pass recomputes it (once, however many projections saved it).
+
+Under gradient checkpointing (or any other saved-tensor hooks already in force) nothing is packed as a recipe:
 those hooks decide what is kept.
 """
 

@@ -107,3 +107,18 @@ def test_the_product_is_freed_after_the_forward_pass(lora):
     loss = model(input_ids=torch.zeros(1, 24, dtype=torch.long), labels=torch.zeros(1, 24, dtype=torch.long)).loss
     assert len(inputs) == 2 and all(ref() is None for ref in inputs)
     loss.backward()
+
+
+def test_training_builds_lean_norms_unless_weights_are_sharded(tiny_config):
+    """Norms recompute with their whole weight: not under DeepSpeed or FSDP, whose weights may be sharded then."""
+    from tests.conftest import REPO
+    from tuneforge.config import load_config
+    from tuneforge.train.prepare import build_model, prepare
+
+    def lean_layers(overrides):
+        cfg = load_config(tiny_config, overrides)
+        model = build_model(cfg, prepare(cfg).source)
+        return sum(hasattr(module, "_lean_inner_forward") for module in model.modules())
+
+    assert lean_layers([]) == 2
+    assert lean_layers([f"train.deepspeed={REPO / 'examples/deepspeed/ds_z3.json'}"]) == 0
