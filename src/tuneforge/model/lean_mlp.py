@@ -21,6 +21,7 @@ those hooks decide what is kept.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import types
@@ -187,15 +188,11 @@ def _lean_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
     shared = []
     product = GatedProduct.apply(gate, up, self._lean_kind, shared)
-    scope = _current_scope() if torch.is_grad_enabled() else None
-    if scope is not None:  # the decoder layer's
-        scope.register(product, _product, gate.detach(), up.detach(), self._lean_kind, shared)
-        return self.down_proj(product)
-    scope = _open_scope(torch.is_grad_enabled())
-    if scope is None:
-        return self.down_proj(product)
-    with scope:
-        scope.register(product, _product, gate.detach(), up.detach(), self._lean_kind, shared)
+    scope = _current_scope() if torch.is_grad_enabled() else None  # the decoder layer's
+    own = _open_scope(torch.is_grad_enabled()) if scope is None else None
+    with own or contextlib.nullcontext():
+        if scope or own:
+            (scope or own).register(product, _product, gate.detach(), up.detach(), self._lean_kind, shared)
         return self.down_proj(product)
 
 
