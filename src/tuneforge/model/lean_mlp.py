@@ -164,15 +164,17 @@ class _Scope:
 def _open_scope(needs_grad: bool) -> _Scope | None:
     """A new scope, or None where nothing is kept for backward or other hooks (gradient checkpointing, offloading)
     decide what is kept."""
+    if not needs_grad or torch.compiler.is_compiling():  # torch.compile traces its own graph
+        return None
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if not needs_grad or (outer is not None and not getattr(outer[0], "observes_only", False)):
+    if outer is not None and not getattr(outer[0], "observes_only", False):
         return None
     return _Scope(outer)
 
 
 def _current_scope() -> _Scope | None:
     stack = getattr(_scopes, "stack", None)
-    if not stack:
+    if not stack or torch.compiler.is_compiling():
         return None
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
     return stack[-1] if top is not None and top[0] is stack[-1].hooks.pack_hook else None
@@ -186,10 +188,10 @@ def _product(gate, up, kind, shared: list):
 
 def _lean_forward(self, x):
     gate, up = self.gate_proj(x), self.up_proj(x)
-    shared = []
-    product = GatedProduct.apply(gate, up, self._lean_kind, shared)
     scope = _current_scope() if torch.is_grad_enabled() else None  # the decoder layer's
     own = _open_scope(torch.is_grad_enabled()) if scope is None else None
+    shared = [] if scope or own else None
+    product = GatedProduct.apply(gate, up, self._lean_kind, shared)
     with own or contextlib.nullcontext():
         if scope or own:
             (scope or own).register(product, _product, gate.detach(), up.detach(), self._lean_kind, shared)
