@@ -26,6 +26,8 @@ class DiskFull(Exception):
         super().__init__(what)
         self.what = what
 
+from tuneforge.data.sampler import LengthBuckets
+from tuneforge.data.tokenized import TokenizedData
 from tuneforge.model.scoring import causal_lm_loss_sum, supervised_logits
 
 
@@ -52,6 +54,14 @@ class TuneForgeTrainer(Trainer):
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
         self._count_tokens(model, inputs, targets.numel())
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Length-grouped batches from TuneForge's own sampler (less padding on small data sets, batches in random
+        order; tuneforge.data.sampler), transformers' choice otherwise."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, TokenizedData):
+            return super()._get_train_sampler(train_dataset)
+        return LengthBuckets([len(x) for x in dataset.input_ids], self.args.per_device_train_batch_size)
 
     def _count_tokens(self, model, inputs: dict, supervised: int) -> None:
         """Tokens and supervised tokens of a training batch, for the throughput logs."""

@@ -97,8 +97,9 @@ def test_new_weights_start_from_the_seed(tiny_config):
     assert any(not torch.equal(first[k], other[k]) for k in fresh)
 
 
-def test_resume_reproduces_the_next_step_losses(tiny_config):
-    tiny_config["train"].update(max_steps=4, save_steps=2)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_resume_reproduces_the_next_step_losses(tiny_config, grouped):
+    tiny_config["train"].update(max_steps=4, save_steps=2, group_by_length=grouped)
     full = train(tiny_config).run_dir
     tiny_config["output"]["run_dir"] += "-resumed"
     first = train(tiny_config, ["train.max_steps=4", "train.save_steps=2"])  # same run, then resume from step 2
@@ -108,6 +109,21 @@ def test_resume_reproduces_the_next_step_losses(tiny_config):
     assert again[3] == pytest.approx(reference[3], abs=1e-6) and again[4] == pytest.approx(reference[4], abs=1e-6)
     records = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]  # steps 3, 4 logged once, after the resume
+
+
+def test_length_grouped_batches_come_from_tuneforges_sampler(tiny_config):
+    from tuneforge.data.sampler import LengthBuckets
+
+    cfg = load_config(tiny_config, ["train.group_by_length=true"])
+    prepared = prepare(cfg)
+    run, _ = prepare_run_dir(cfg)
+    trainer, _ = build_trainer(cfg, build_model(cfg, prepared.source), prepared, run)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthBuckets) and sampler.batch_size == 4
+    assert sampler.lengths == [len(x) for x in prepared.data.train.input_ids]
+    cfg = load_config(tiny_config)  # group_by_length off: transformers' random sampler
+    trainer, _ = build_trainer(cfg, build_model(cfg, prepared.source), prepared, run)
+    assert not isinstance(trainer._get_train_sampler(), LengthBuckets)
 
 
 def test_warmup_ratio_is_a_share_of_the_steps(tiny_config):
