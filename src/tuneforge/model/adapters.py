@@ -150,6 +150,25 @@ def upcast_trainable(model: nn.Module) -> None:
             p.data = p.data.float()
 
 
+def column_major_lora_up(model: nn.Module) -> int:
+    """Store each LoRA B matrix (out x rank) column-major, the same values in another memory layout. Autograd
+    computes a weight's gradient in the weight's own layout: for a row-major B that is grad_out^T @ h, an
+    (out x tokens) @ (tokens x rank) product that the CPU's BLAS runs at a few GFLOP/s (5.8 ms for Gemma 3's gate
+    projection at 1,176 tokens); column-major it is h^T @ grad_out, transposed (0.63 ms). Gemma 3 LoRA's forward
+    and backward ran 8% faster. Returns how many matrices changed layout."""
+    changed = 0
+    for module in model.modules():
+        ups = getattr(module, "lora_B", None)
+        if not isinstance(ups, nn.ModuleDict):
+            continue
+        for up in ups.values():
+            w = getattr(up, "weight", None)
+            if isinstance(up, nn.Linear) and w is not None and w.dim() == 2 and w.is_contiguous():
+                up.weight = nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad)
+                changed += 1
+    return changed
+
+
 def check_loftq() -> None:
     """PEFT computes LoftQ with bitsandbytes on a CUDA device (and needs scipy for its settings)."""
     packages = [p for p in ("bitsandbytes", "scipy") if importlib.util.find_spec(p) is None]

@@ -12,8 +12,8 @@ from tuneforge.config import TuneForgeConfig
 from tuneforge.data.pipeline import DataBundle, load_data
 from tuneforge.data.template import ChatTemplate, resolve_template
 from tuneforge.errors import ConfigError
-from tuneforge.model.adapters import (ParamCount, apply_adapter, check_loftq, count_params, quantizes_base,
-                                      upcast_trainable)
+from tuneforge.model.adapters import (ParamCount, apply_adapter, check_loftq, column_major_lora_up, count_params,
+                                      quantizes_base, upcast_trainable)
 from tuneforge.model.depth import CONFIG_KEY, ROUTER, apply_mixture_of_depths
 from tuneforge.model.integrity import verify_weight_folder
 from tuneforge.model.lean_mlp import lean_mlps, lean_norms
@@ -109,6 +109,8 @@ def build_model(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None):
         lean_norms(model)  # the same gradients, the norms' outputs recomputed in backward
     if dtype != torch.float32:
         upcast_trainable(model)
+    if not (cfg.train.deepspeed or cfg.train.fsdp):  # they flatten parameters into their own buffers
+        column_major_lora_up(model)  # the same values; B's gradient in the layout the CPU computes fast
     return model
 
 

@@ -218,3 +218,43 @@ def test_kept_base_weights_from_another_model_are_refused_by_name(tiny_config, t
     save_file({"model.layers.99.mlp.up_proj.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(ModelError, match="model.layers.99.mlp.up_proj.weight.*trained on another"):
         load_adapted_base(model, path)
+
+
+def test_lora_b_is_column_major_with_the_same_values_gradients_and_saved_adapter(tiny_config, tmp_path):
+    from tuneforge.model.adapters import column_major_lora_up
+
+    cfg = load_config(tiny_config)
+    prepared = prepare(cfg)
+    model = build_model(cfg, prepared.source)
+    ups = {n: m.weight for n, m in model.named_modules() if n.endswith("lora_B.default")}
+    assert ups and all(not w.is_contiguous() and w.t().is_contiguous() for w in ups.values())
+    assert column_major_lora_up(model) == 0  # already done once: nothing left to change
+    with torch.no_grad():
+        for w in ups.values():
+            w.normal_(std=0.02)  # B not zero, so that it shows in every gradient; in place: the layout stays
+    plain = build_model(cfg, prepared.source)
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if name.removesuffix(".weight") in ups:
+                p.data = ups[name.removesuffix(".weight")].detach().contiguous()  # the same values, row-major
+    ids = torch.randint(3, 100, (2, 24))
+    losses = []
+    for m in (model, plain):
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        losses.append(out.loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    theirs = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-5, atol=1e-7)
+            if name.endswith("lora_B.default.weight"):
+                assert p.grad.stride() == p.stride()  # computed in B's own (column-major) layout
+                assert theirs[name].is_contiguous()
+    model.save_pretrained(tmp_path / "adapter")
+    saved = {k: v for k, v in load_file(tmp_path / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k}
+    assert len(saved) == len(ups)
+    for key, tensor in saved.items():
+        (name,) = [n for n in ups if n.endswith(key.removeprefix("base_model.model.").removesuffix(".weight")
+                                                .replace("lora_B", "lora_B.default"))]
+        assert torch.equal(tensor, ups[name].detach())
