@@ -109,7 +109,8 @@ def build_model(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None):
         lean_norms(model)  # the same gradients, the norms' outputs recomputed in backward
     if dtype != torch.float32:
         upcast_trainable(model)
-    if not (cfg.train.deepspeed or cfg.train.fsdp):  # they flatten parameters into their own buffers
+    if (not torch.cuda.is_available() and cfg.train.optim in ("adamw_torch", "adamw_torch_fused")
+            and not (cfg.train.deepspeed or cfg.train.fsdp)):  # torch's own optimizers follow a weight's layout
         column_major_lora_up(model)  # the same values; B's gradient in the layout the CPU computes fast
     return model
 

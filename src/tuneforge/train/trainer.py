@@ -63,6 +63,14 @@ class TuneForgeTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         return LengthBuckets([len(x) for x in dataset.input_ids], self.args.per_device_train_batch_size)
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """Resumed optimizer states take their weight's memory layout: torch's fused AdamW on the CPU silently
+        computes wrong updates when a state's strides differ from its weight's (a checkpoint written before LoRA B
+        matrices were column-major, tuneforge.model.adapters.column_major_lora_up)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.optimizer is not None:
+            conform_optimizer_state(self.optimizer)
+
     def _count_tokens(self, model, inputs: dict, supervised: int) -> None:
         """Tokens and supervised tokens of a training batch, for the throughput logs."""
         if model.training:
@@ -129,3 +137,17 @@ class TuneForgeTrainer(Trainer):
             self._tokens = self._supervised = 0
             self._clock = now
         super().log(logs, start_time)
+
+
+def conform_optimizer_state(optimizer) -> int:
+    """Give every per-weight optimizer state tensor its weight's strides (the same values). Returns how many moved."""
+    moved = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+                    moved += 1
+    return moved
+

@@ -4,6 +4,7 @@ For each: the right parameters train, one step changes them, and the saved run r
 model that was trained.
 """
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -229,6 +230,8 @@ def test_lora_b_is_column_major_with_the_same_values_gradients_and_saved_adapter
     ups = {n: m.weight for n, m in model.named_modules() if n.endswith("lora_B.default")}
     assert ups and all(not w.is_contiguous() and w.t().is_contiguous() for w in ups.values())
     assert column_major_lora_up(model) == 0  # already done once: nothing left to change
+    other = build_model(load_config(tiny_config, ["train.optim=adafactor"]), prepared.source)
+    assert all(p.is_contiguous() for p in other.parameters())  # left alone for optimizers outside torch's AdamW
     with torch.no_grad():
         for w in ups.values():
             w.normal_(std=0.02)  # B not zero, so that it shows in every gradient; in place: the layout stays
@@ -258,3 +261,26 @@ def test_lora_b_is_column_major_with_the_same_values_gradients_and_saved_adapter
         (name,) = [n for n in ups if n.endswith(key.removeprefix("base_model.model.").removesuffix(".weight")
                                                 .replace("lora_B", "lora_B.default"))]
         assert torch.equal(tensor, ups[name].detach())
+
+
+def test_resumed_optimizer_states_take_their_weights_layout():
+    from tuneforge.train.trainer import conform_optimizer_state
+
+    torch.manual_seed(0)
+    start = torch.randn(6, 3)
+    col = torch.nn.Parameter(start.t().contiguous().t())  # a column-major B
+    row = torch.nn.Parameter(start.clone())  # the same weight as a checkpoint from before wrote it
+    ours, theirs = (torch.optim.AdamW([p], lr=0.1, fused=True) for p in (col, row))
+    grads = [torch.randn(6, 3) for _ in range(3)]
+    row.grad = grads[0].clone()
+    theirs.step()
+    col.grad = grads[0].t().contiguous().t()  # autograd hands a weight its gradient in the weight's layout
+    ours.step()
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))  # row-major states onto a column-major weight
+    assert conform_optimizer_state(ours) == 2  # exp_avg and exp_avg_sq
+    assert conform_optimizer_state(ours) == 0
+    for g in grads[1:]:
+        row.grad, col.grad = g.clone(), g.t().contiguous().t()
+        theirs.step()
+        ours.step()
+    assert torch.equal(col, row)
