@@ -28,7 +28,7 @@ class DiskFull(Exception):
 
 from tuneforge.data.sampler import LengthBuckets
 from tuneforge.data.tokenized import TokenizedData
-from tuneforge.model.scoring import causal_lm_loss_sum, supervised_logits
+from tuneforge.model.scoring import causal_lm_loss_sum, supervised_logits, supervised_loss_sum
 
 
 class TuneForgeTrainer(Trainer):
@@ -46,13 +46,16 @@ class TuneForgeTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
-        logits, targets = supervised_logits(model, labels, **inputs)  # (N, V), (N,)
-        loss_sum = causal_lm_loss_sum(logits, targets)
-        n = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+        if return_outputs:
+            logits, targets = supervised_logits(model, labels, **inputs)  # (N, V), (N,)
+            loss_sum, count = causal_lm_loss_sum(logits, targets), targets.numel()
+        else:  # no logits kept where the output layer does not train
+            loss_sum, count = supervised_loss_sum(model, labels, **inputs)
+        n = num_items_in_batch if num_items_in_batch is not None else count
         loss = loss_sum / (n.to(loss_sum.device).clamp(min=1) if torch.is_tensor(n) else max(n, 1))
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1 and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
-        self._count_tokens(model, inputs, targets.numel())
+        self._count_tokens(model, inputs, count)
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset=None):

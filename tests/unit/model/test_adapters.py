@@ -68,3 +68,46 @@ def test_full_trains_everything_and_tied_weights_count_once():
 def test_decoder_layers_finds_the_block_stack():
     name, layers = decoder_layers(build_tiny_model(100))
     assert name == "model.layers" and len(layers) == 2
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_forward_matches_peft_in_outputs_and_gradients(dropout):
+    """The adapters' products added in place (addmm_) give PEFT's outputs and gradients; the base projection's
+    output is not kept by anything, so the in-place sum is legal for autograd in training."""
+    import copy
+
+    import torch
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from tuneforge.model.adapters import fused_lora_forward
+
+    torch.manual_seed(0)
+    theirs = apply_adapter(build_tiny_model(100), LoraAdapter(rank=4, alpha=12, dropout=dropout)).train()
+    for name, p in theirs.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # B not zero: the adapters change every output
+    ours = copy.deepcopy(theirs)
+    assert fused_lora_forward(ours) == 14 and fused_lora_forward(ours) == 0  # 7 linears x 2 layers, once
+    ids = torch.randint(3, 100, (2, 16))
+    results = []
+    for model in (theirs, ours):
+        torch.manual_seed(5)  # the same dropout masks
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    assert len(results[0][1]) == 28
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-5, atol=1e-7)
+    layer = next(m for m in ours.eval().modules() if isinstance(m, LoraLinear))  # eval: no dropout draws
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        expected = layer._peft_forward(x)
+        with ours.disable_adapter():  # PEFT's own path where adapters are off
+            torch.testing.assert_close(layer(x), layer.base_layer(x))
+        handle = layer.base_layer.register_forward_hook(lambda m, a, out: out * 2)  # a hook on the base: PEFT's path
+        try:
+            torch.testing.assert_close(layer(x), layer._peft_forward(x))
+            assert not torch.allclose(layer(x), expected)
+        finally:
+            handle.remove()

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tests.conftest import FAMILIES, build_family_model, build_tiny_model
-from tuneforge.model.scoring import (causal_lm_loss_sum, forward_at, last_token_rewards, next_token_mask,
-                                     next_token_targets, sequence_logprobs, supervised_logits)
+from tuneforge.model.scoring import (causal_lm_loss_sum, forward_at, frozen_plain_head, head_cross_entropy,
+                                     last_mlp_sees_only, last_token_rewards, next_token_mask, next_token_targets,
+                                     sequence_logprobs, supervised_logits, supervised_loss_sum)
 
 
 def test_mask_and_targets_are_shifted_by_one():
@@ -58,6 +59,105 @@ def test_logits_at_chosen_positions_equal_the_full_forward(kind):
         ours = causal_lm_loss_sum(logits, targets) / targets.numel()
         torch.testing.assert_close(ours, model(input_ids=ids, attention_mask=mask, labels=labels).loss,
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cap", [None, 5.0], ids=["plain", "softcapped"])
+@pytest.mark.parametrize("k", [0, 1, 37])
+def test_single_pass_head_loss_and_gradient_against_torch_cross_entropy(cap, k):
+    """The one-pass loss over vocabulary slices (here 9 slices of 112 rows and a last one of 92) against torch's
+    own cross-entropy of the full logits, computed in float64; float32 torch on the same inputs sets the
+    tolerance the single pass must meet."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(1100, 48, generator=gen) * 0.3
+    hidden = torch.randn(k, 48, generator=gen)
+    targets = torch.randint(0, 1100, (k,), generator=gen)
+
+    def reference(h, w):
+        h = h.clone().requires_grad_()
+        logits = h @ w.t()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        loss.backward()
+        return loss.detach(), h.grad
+
+    exact_loss, exact_grad = reference(hidden.double(), weight.double())
+    torch_loss, torch_grad = reference(hidden, weight)
+    h = hidden.clone().requires_grad_()
+    ours = head_cross_entropy(h, weight, targets, cap, slice_bytes=112 * 48 * 4)
+    (ours * 2.5).backward()  # the upstream gradient scales the saved one
+    assert ours.dtype == torch.float32 and h.grad.shape == (k, 48)
+    def worst(a, b):
+        return float((a.double() - b).abs().max()) if a.numel() else 0.0
+
+    loss_tol = 4 * worst(torch_loss, exact_loss) + 1e-5 * max(1.0, float(exact_loss.abs()))
+    assert abs(float(ours.detach()) - float(exact_loss)) <= loss_tol
+    assert worst(h.grad / 2.5, exact_grad) <= 4 * worst(torch_grad, exact_grad) + 1e-6
+    if k:
+        assert float(exact_grad.abs().max()) > 0.1  # a real gradient, not zeros matching zeros
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                            init_lora_weights=False)).train()
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_supervised_loss_through_the_single_pass_equals_the_logits_path(kind):
+    """With a frozen head (LoRA) the training loss skips the head's logits and the last MLP's work away from
+    the supervised positions. Its loss and every trainable weight's gradient are as close to the logits path in
+    float64 as the float32 logits path is (within 4x its largest error, or 1e-6)."""
+    import copy
+
+    overrides = {"final_logit_softcapping": 5.0} if kind == "gemma3_text" else {}
+    model = _lora(build_family_model(kind, 96, **overrides))
+    exact_model = copy.deepcopy(model).double()
+    ids, mask, labels = batch(96)
+    assert frozen_plain_head(model) is not None and frozen_plain_head(exact_model) is None  # float32 heads only
+
+    def loss_and_grads(m, fn):
+        m.zero_grad(set_to_none=True)
+        loss = fn(m)
+        loss.backward()
+        return loss.detach().double(), {n: p.grad.double() for n, p in m.named_parameters() if p.requires_grad}
+
+    def logits_path(m):
+        logits, targets = supervised_logits(m, labels, input_ids=ids, attention_mask=mask)
+        return causal_lm_loss_sum(logits, targets)
+
+    exact, exact_grads = loss_and_grads(exact_model, logits_path)
+    plain, plain_grads = loss_and_grads(model, logits_path)
+    seen = []
+    mlp = model.get_base_model().model.layers[-1].mlp
+    handle = mlp.gate_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
+    loss, grads = loss_and_grads(model, lambda m: supervised_loss_sum(m, labels, input_ids=ids, attention_mask=mask)[0])
+    handle.remove()
+    assert seen == [(int((labels[:, 1:] != -100).sum()), 64)]  # the last MLP saw the supervised positions only
+    assert abs(float(loss - exact)) <= 4 * abs(float(plain - exact)) + 1e-6 * abs(float(exact))
+    assert grads.keys() == exact_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        error, bound = (grad - exact_grads[name]).abs().max(), (plain_grads[name] - exact_grads[name]).abs().max()
+        assert error <= 4 * bound + 1e-6, (name, float(error), float(bound))
+        assert exact_grads[name].abs().max() > 1e-4, name  # every adapter gets a real gradient
+
+
+def test_the_logits_path_where_the_head_trains_or_layers_recompute():
+    """Full training trains the head: no single pass. Under gradient checkpointing the last layer runs again in
+    backward, outside the loss call: its MLP computes everywhere."""
+    model = build_family_model("llama", 96).train()
+    assert frozen_plain_head(model) is None
+    lora = _lora(build_family_model("llama", 96))
+    lora.get_base_model().gradient_checkpointing_enable()
+    ids, mask, labels = batch(96)
+    seen = []
+    mlp = lora.get_base_model().model.layers[-1].mlp
+    handle = mlp.gate_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
+    with last_mlp_sees_only(lora, next_token_mask(labels)):
+        lora(input_ids=ids, attention_mask=mask)
+    handle.remove()
+    assert seen == [(3, 12, 64)]
 
 
 def test_sequence_logprobs_equal_a_full_forward_pass():
