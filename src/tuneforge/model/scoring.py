@@ -188,57 +188,65 @@ def head_skipped(model: nn.Module, keep: torch.Tensor):
         del head.forward
 
 
-def _last_mlp(model: nn.Module) -> nn.Module | None:
-    """The MLP of the model's last decoder layer when it is a known position-wise one (lean_mlp.LEAN_MLPS) in an
-    unmodified layer of a `PLAIN_HEADS` model, whose output reaches nothing but the final norm and the head, and
-    the layer does not recompute its forward in backward (gradient checkpointing). Else None."""
+def _last_layer_parts(model: nn.Module) -> list[nn.Module]:
+    """The position-wise parts of the model's last decoder layer that need to run only where a loss is taken: its
+    MLP (a known one, lean_mlp.LEAN_MLPS) and its attention's query and output projections (keys and values are
+    needed everywhere). Only for an unmodified layer of a `PLAIN_HEADS` model, whose output reaches nothing but
+    the final norm and the head, and that does not run its forward again in backward (gradient checkpointing).
+    Else none."""
     from tuneforge.model.adapters import decoder_layers
     from tuneforge.model.lean_mlp import LEAN_MLPS
 
     inner = unwrap(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     if type(base).__name__ not in PLAIN_HEADS:
-        return None
+        return []
     layer = decoder_layers(base)[1][-1]
     mlp = getattr(layer, "mlp", None)
     name = type(mlp).__name__
     if name not in LEAN_MLPS or type(layer).__name__ != name.replace("MLP", "DecoderLayer") or \
             getattr(layer, "gradient_checkpointing", False):
-        return None
-    return mlp
+        return []
+    attention = getattr(layer, "self_attn", None)
+    projections = [getattr(attention, n, None) for n in ("q_proj", "o_proj")]
+    return [mlp] + ([p for p in projections] if all(isinstance(p, nn.Module) for p in projections) else [])
 
 
 @contextlib.contextmanager
-def last_mlp_sees_only(model: nn.Module, keep: torch.Tensor):
-    """Within the block the last decoder layer's MLP computes only at `keep` ((B, T) bool), zeros elsewhere. The
-    MLP works token by token and that layer's output feeds only the final norm and the head, which look at `keep`
-    alone: the loss and every gradient are the same, for 1/layers of the MLPs' work at the other positions."""
-    mlp = _last_mlp(model)
-    if mlp is None:
-        yield
-        return
-    own = mlp.__dict__.get("forward")  # an instance's own forward (lean_mlp's) or the class's
-    inner = own or mlp.forward
+def last_layer_sees_only(model: nn.Module, keep: torch.Tensor):
+    """Within the block the last decoder layer's MLP and its attention's query and output projections compute
+    only at `keep` ((B, T) bool), zeros elsewhere. They work token by token, and that layer's output feeds only
+    the final norm and the head, which look at `keep` alone; a query of zeros elsewhere only changes attention
+    outputs that the output projection then skips. So the loss and every gradient are the same, for about
+    1/layers of the model's work at the other positions."""
+    parts = _last_layer_parts(model)
+    saved = [(part, part.__dict__.get("forward")) for part in parts]  # an instance's own forward, if any
 
-    def forward(x):
-        if x.dim() != 3 or x.shape[:2] != keep.shape:
-            return inner(x)
-        return x.new_zeros(x.shape).index_put((keep,), inner(x[keep]))
+    def sees_only(inner):
+        def forward(x):
+            if x.dim() != 3 or x.shape[:2] != keep.shape:
+                return inner(x)
+            picked = inner(x[keep])
+            return picked.new_zeros(*keep.shape, picked.shape[-1]).index_put((keep,), picked)
+        return forward
 
-    mlp.forward = forward
+    for part, own in saved:
+        part.forward = sees_only(own or part.forward)
     try:
         yield
     finally:
-        if own is not None:
-            mlp.forward = own
-        else:
-            del mlp.forward
+        for part, own in saved:
+            if own is not None:
+                part.forward = own
+            else:
+                del part.forward
 
 
 def supervised_loss_sum(model: nn.Module, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of the supervised next tokens and how many there are. Where the output layer does not
     train (`frozen_plain_head`) and gradients are wanted, the loss comes from the single-pass
-    `head_cross_entropy`; otherwise from the logits at the supervised positions."""
+    `head_cross_entropy`, with the last layer's position-wise parts computed at the supervised positions only
+    (`last_layer_sees_only`); otherwise from the logits at the supervised positions."""
     keep = next_token_mask(labels)
     targets = next_token_targets(labels, keep)
     plain = frozen_plain_head(model) if torch.is_grad_enabled() else None
@@ -246,7 +254,7 @@ def supervised_loss_sum(model: nn.Module, labels: torch.Tensor, **inputs) -> tup
         logits = forward_at(model, keep, **inputs)[0].logits
         return causal_lm_loss_sum(logits, targets), targets.numel()
     weight, cap = plain
-    with head_skipped(model, keep) as seen, last_mlp_sees_only(model, keep):
+    with head_skipped(model, keep) as seen, last_layer_sees_only(model, keep):
         model(**inputs, use_cache=False)
     return head_cross_entropy(seen[-1], weight, targets, cap), targets.numel()
 

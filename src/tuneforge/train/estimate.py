@@ -2,8 +2,8 @@
 time per epoch and peak memory measured over a few real training steps.
 
 The memory model counts weights, gradients and optimizer states of the trainable parameters, the activations
-that backpropagation keeps per token of the largest batch, the logits at supervised positions, and a fixed
-process overhead. The activation term is what autograd saves per token and decoder block (counted with its
+that backpropagation keeps per token of the largest batch, the logits at supervised positions (a slice of them
+where the loss takes a single pass over a frozen head, tuneforge.model.scoring), and a fixed process overhead. The activation term is what autograd saves per token and decoder block (counted with its
 saved-tensor hooks on Llama, Qwen2, Qwen3 and Gemma 3 blocks, see `saved_per_token`), in the training dtype;
 `tuneforge check --measure` reports how far the total is from a measured peak on the machine at hand.
 
@@ -92,6 +92,9 @@ def _optimizer_bytes(cfg: TuneForgeConfig, model_config, params: ParamCount) -> 
     return (params.trainable - projected + low_rank) * 4 * 2
 
 
+# model types whose causal LM class is in scoring.PLAIN_HEADS, for configs that do not name their class
+PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "olmo3", "smollm3",
+                    "phi3"}
 QK_NORM = ("qwen3", "gemma3", "olmo2", "olmo3")  # model types that normalise queries and keys per head
 SANDWICH_NORM = ("gemma2", "gemma3")  # model types with norms after attention and MLP as well
 # model types whose MLPs tuneforge.model.lean_mlp makes keep gate and up only
@@ -116,7 +119,7 @@ def saved_per_token(c, trains_weights: bool, lora_rank: int = 0, lean_norms: boo
     head_dim = getattr(c, "head_dim", None) or h // heads
     q, k = heads * head_dim, kv * head_dim
     kind = getattr(c, "model_type", "") or ""
-    lean = kind in LEAN_TYPES and _activation(c) in ("silu", "gelu_pytorch_tanh")
+    lean = _lean(c)
     mlp = 2 if lean else 4  # lean_mlps
     norms = 2 if lean and lean_norms else 4  # lean_norms: the two norms before projections keep their input only
     per = (norms + 2 if trains_weights else norms) * h + 2 * q + 2 * k + mlp * inter + heads + 7 * lora_rank
@@ -136,13 +139,36 @@ def _activation_bytes(cfg: TuneForgeConfig, c, tokens: int, longest: int, superv
     if cfg.model.attention == "eager":
         per_token += 2 * c.num_attention_heads * min(longest, cfg.data.cutoff_len)  # attention probabilities
     kept_layers = _layers_with_gradients(cfg, c.num_hidden_layers)
+    single_pass = _single_pass_loss(cfg, c, width)
     if cfg.train.gradient_checkpointing:  # only each block's input, plus one block recomputed at a time
         blocks = kept_layers * c.hidden_size + per_token
     else:
         blocks = kept_layers * per_token
+        if single_pass and _lean(c):  # the last block's MLP runs (and keeps gate and up) where a loss is taken
+            blocks -= 2 * c.intermediate_size * activation_slack() * (1 - supervised_share)
     supervised = tokens if cfg.method.stage == "pt" else tokens * supervised_share
-    logits = supervised * c.vocab_size * 3  # logits, their log-softmax and its gradient (float32)
+    if single_pass:  # a vocabulary slice of about 4 MiB of weights at a time: its logits, exp and slope
+        logits = supervised * min(c.vocab_size, max(1, (4 << 20) // (c.hidden_size * 4))) * 3
+    else:
+        logits = supervised * c.vocab_size * 3  # logits, their log-softmax and its gradient (float32)
     return tokens * blocks * width + logits * 4
+
+
+def _single_pass_loss(cfg: TuneForgeConfig, c, width: int) -> bool:
+    """Whether training's loss goes through scoring.supervised_loss_sum's single pass over a frozen head (no
+    logits kept): SFT or pre-training with LoRA in float32 on a model class listed in scoring.PLAIN_HEADS."""
+    from tuneforge.model.scoring import PLAIN_HEADS
+
+    adapter = cfg.method.adapter
+    architectures = getattr(c, "architectures", None) or []
+    kind = getattr(c, "model_type", "") or ""
+    plain = architectures[0] in PLAIN_HEADS if architectures else kind in PLAIN_HEAD_TYPES
+    return (cfg.method.stage in ("sft", "pt") and adapter.type == "lora" and not adapter.modules_to_save
+            and not cfg.model.new_special_tokens and width == 4 and plain)
+
+
+def _lean(c) -> bool:
+    return (getattr(c, "model_type", "") or "") in LEAN_TYPES and _activation(c) in ("silu", "gelu_pytorch_tanh")
 
 
 def _block_weights(c) -> int:

@@ -16,6 +16,9 @@ try:  # a function since transformers 5.2x, a Trainer method before
 except ImportError:  # pragma: no cover - older transformers
     rotate_checkpoints = None
 
+from tuneforge.data.sampler import LengthBuckets
+from tuneforge.data.tokenized import TokenizedData
+from tuneforge.model.scoring import causal_lm_loss_sum, supervised_logits, supervised_loss_sum
 from tuneforge.rundir import mark_checkpoint_complete
 
 
@@ -25,10 +28,6 @@ class DiskFull(Exception):
     def __init__(self, what: str):
         super().__init__(what)
         self.what = what
-
-from tuneforge.data.sampler import LengthBuckets
-from tuneforge.data.tokenized import TokenizedData
-from tuneforge.model.scoring import causal_lm_loss_sum, supervised_logits, supervised_loss_sum
 
 
 class TuneForgeTrainer(Trainer):

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import FAMILIES, build_family_model, build_tiny_model
 from tuneforge.model.scoring import (causal_lm_loss_sum, forward_at, frozen_plain_head, head_cross_entropy,
-                                     last_mlp_sees_only, last_token_rewards, next_token_mask, next_token_targets,
+                                     last_layer_sees_only, last_token_rewards, next_token_mask, next_token_targets,
                                      sequence_logprobs, supervised_logits, supervised_loss_sum)
 
 
@@ -106,8 +106,8 @@ def _lora(model):
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_supervised_loss_through_the_single_pass_equals_the_logits_path(kind):
-    """With a frozen head (LoRA) the training loss skips the head's logits and the last MLP's work away from
-    the supervised positions. Its loss and every trainable weight's gradient are as close to the logits path in
+    """With a frozen head (LoRA) the training loss skips the head's logits and the last layer's MLP, queries and
+    attention output away from the supervised positions. Its loss and every trainable weight's gradient are as close to the logits path in
     float64 as the float32 logits path is (within 4x its largest error, or 1e-6)."""
     import copy
 
@@ -130,11 +130,15 @@ def test_supervised_loss_through_the_single_pass_equals_the_logits_path(kind):
     exact, exact_grads = loss_and_grads(exact_model, logits_path)
     plain, plain_grads = loss_and_grads(model, logits_path)
     seen = []
-    mlp = model.get_base_model().model.layers[-1].mlp
-    handle = mlp.gate_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
+    last = model.get_base_model().model.layers[-1]
+    handles = [m.base_layer.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape[:-1])))
+               for m in (last.mlp.gate_proj, last.self_attn.q_proj, last.self_attn.o_proj, last.self_attn.k_proj)]
     loss, grads = loss_and_grads(model, lambda m: supervised_loss_sum(m, labels, input_ids=ids, attention_mask=mask)[0])
-    handle.remove()
-    assert seen == [(int((labels[:, 1:] != -100).sum()), 64)]  # the last MLP saw the supervised positions only
+    for handle in handles:
+        handle.remove()
+    supervised = int((labels[:, 1:] != -100).sum())
+    # the last layer's MLP, queries and attention output at the supervised positions only; keys everywhere
+    assert sorted(seen) == sorted([(supervised,), (supervised,), (supervised,), (3, 12)])
     assert abs(float(loss - exact)) <= 4 * abs(float(plain - exact)) + 1e-6 * abs(float(exact))
     assert grads.keys() == exact_grads.keys() and len(grads) > 0
     for name, grad in grads.items():
@@ -145,19 +149,21 @@ def test_supervised_loss_through_the_single_pass_equals_the_logits_path(kind):
 
 def test_the_logits_path_where_the_head_trains_or_layers_recompute():
     """Full training trains the head: no single pass. Under gradient checkpointing the last layer runs again in
-    backward, outside the loss call: its MLP computes everywhere."""
+    backward, outside the loss call: its MLP and queries compute everywhere."""
     model = build_family_model("llama", 96).train()
     assert frozen_plain_head(model) is None
     lora = _lora(build_family_model("llama", 96))
     lora.get_base_model().gradient_checkpointing_enable()
     ids, mask, labels = batch(96)
     seen = []
-    mlp = lora.get_base_model().model.layers[-1].mlp
-    handle = mlp.gate_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
-    with last_mlp_sees_only(lora, next_token_mask(labels)):
+    last = lora.get_base_model().model.layers[-1]
+    handles = [m.base_layer.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+               for m in (last.mlp.gate_proj, last.self_attn.q_proj)]
+    with last_layer_sees_only(lora, next_token_mask(labels)):
         lora(input_ids=ids, attention_mask=mask)
-    handle.remove()
-    assert seen == [(3, 12, 64)]
+    for handle in handles:
+        handle.remove()
+    assert seen == [(3, 12, 64), (3, 12, 64)]
 
 
 def test_sequence_logprobs_equal_a_full_forward_pass():

@@ -38,6 +38,33 @@ def test_terms_follow_the_switches(tiny_config):
     assert _estimate(tiny_config, train={"batch_size": 8}).activations == pytest.approx(2 * base.activations)
 
 
+def test_a_frozen_head_keeps_a_vocabulary_slice_not_the_logits(tiny_config):
+    """LoRA's loss takes one pass over the frozen head (tuneforge.model.scoring): no (tokens x vocabulary) logits
+    and the last block's MLP at the supervised positions only. A trained head (modules_to_save) or a preference
+    stage keeps the logits."""
+    from tuneforge.train.estimate import activation_slack
+
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=50_000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    assert config.architectures is None  # the model type decides where the config names no class
+
+    def activations(**adapter):
+        cfg = load_config(tiny_config)
+        cfg.method.adapter = cfg.method.adapter.model_copy(update=adapter)
+        return estimate_memory(cfg, config, PARAMS, 100, 0.25).activations
+
+    tokens = 4 * 100
+    slice_rows = (4 << 20) // (64 * 4)  # 16,384 rows of 64 floats: 4 MiB
+    single, trained_head = activations(), activations(modules_to_save=["lm_head"])
+    expected = tokens * 0.25 * (50_000 - slice_rows) * 3 * 4 + tokens * 2 * 128 * activation_slack() * 0.75 * 4
+    assert trained_head - single == pytest.approx(expected, abs=8)
+    tiny_config["method"] = {"stage": "dpo", "adapter": {"type": "lora"}}
+    dpo = estimate_memory(load_config(tiny_config), config, PARAMS, 100, 0.25)
+    assert dpo.activations > 2 * single  # chosen and rejected rows, with their logits
+
+
 def test_preference_pairs_double_the_sequences(tiny_config):
     tiny_config["method"] = {"stage": "dpo", "adapter": {"type": "full"}}
     m = _estimate(tiny_config)
