@@ -3,9 +3,10 @@ time per epoch and peak memory measured over a few real training steps.
 
 The memory model counts weights, gradients and optimizer states of the trainable parameters, the activations
 that backpropagation keeps per token of the largest batch, the logits at supervised positions (a slice of them
-where the loss takes a single pass over a frozen head, tuneforge.model.scoring), and a fixed process overhead. The activation term is what autograd saves per token and decoder block (counted with its
-saved-tensor hooks on Llama, Qwen2, Qwen3 and Gemma 3 blocks, see `saved_per_token`), in the training dtype;
-`tuneforge check --measure` reports how far the total is from a measured peak on the machine at hand.
+where the loss takes a single pass over a frozen head, tuneforge.model.scoring), and a fixed process overhead.
+The activation term is what autograd saves per token and decoder block (counted with its saved-tensor hooks on
+Llama, Qwen2, Qwen3 and Gemma 3 blocks, see `saved_per_token`), in the training dtype; `tuneforge check
+--measure` reports how far the total is from a measured peak on the machine at hand.
 
 On a CPU the measured peak is the process's resident memory, which includes what the memory allocator keeps after
 tensors are freed. The tuneforge command runs on tcmalloc when it is installed (tuneforge.allocator), which hands
