@@ -209,7 +209,7 @@ def _last_layer_parts(model: nn.Module) -> list[nn.Module]:
         return []
     attention = getattr(layer, "self_attn", None)
     projections = [getattr(attention, n, None) for n in ("q_proj", "o_proj")]
-    return [mlp] + ([p for p in projections] if all(isinstance(p, nn.Module) for p in projections) else [])
+    return [mlp] + (projections if all(isinstance(p, nn.Module) for p in projections) else [])
 
 
 @contextlib.contextmanager
