@@ -16,7 +16,10 @@ training process, final train loss, dev accuracy (both adapters scored by the sa
 first --dev rows of reviews_zh_dev, balanced), and model FLOPs utilisation against the fp32 matmul peak that the
 script measures first. Useful FLOPs per token are counted the same way for both: 4 x the decoder blocks' weights
 per real token (forward, and the backward pass through frozen weights) plus 4 x hidden x vocabulary per
-supervised token (the LM head where a loss is taken). Not a test: the figures depend on the machine.
+supervised token (the LM head where a loss is taken). TuneForge computes a prompt that every row of a batch
+starts with once for the batch (here the template's header and the instruction); "run MFU" counts those
+positions once (run.json's shared_prompt_tokens), i.e. the FLOPs that ran. Not a test: the figures depend on the
+machine.
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ class Result:
     variant: str = "lora"
     target: Path | None = None  # run directory / output folder
     estimate: int | None = None  # tuneforge check's peak estimate, bytes
-    work: tuple[float, float, float] = (0.0, 0.0, 0.0)  # real tokens, supervised tokens, useful FLOPs per row
+    work: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # per row: real tokens, supervised tokens,
+    # useful FLOPs; and the decoder blocks' FLOPs per token
+    shared: int = 0  # token positions TuneForge computed once for a whole batch (its rows' shared prompt)
 
 
 def main() -> None:
@@ -228,7 +233,7 @@ def run_tuneforge(model: str, template: str, data_dir: Path, out: Path, args, va
     wall, rss = run_tracked([sys.executable, "-m", "tuneforge", "train", str(cfg_path)], out.with_suffix(".log"))
     metrics = json.loads((out / "run.json").read_text())["metrics"]
     return Result(framework, metrics["train_runtime"], wall, rss, metrics["train_loss"], variant=variant,
-                  target=out, estimate=estimate)
+                  target=out, estimate=estimate, shared=int(metrics.get("shared_prompt_tokens", 0)))
 
 
 def estimated_peak(cfg_path: Path) -> int:
@@ -292,8 +297,10 @@ def dev_accuracy(target: Path, base_path: str, template: str, data_dir: Path, de
     return result.metrics["accuracy"]
 
 
-def work_per_row(model: str, path: str, template: str, data_dir: Path, full: bool) -> tuple[float, float, float]:
-    """(real tokens, supervised tokens, useful FLOPs) per training row, from TuneForge's tokenization. Per real
+def work_per_row(model: str, path: str, template: str, data_dir: Path,
+                 full: bool) -> tuple[float, float, float, float]:
+    """(real tokens, supervised tokens, useful FLOPs) per training row, from TuneForge's tokenization, and the
+    decoder blocks' FLOPs per token. Per real
     token the decoder blocks cost 2 x weights forward and 2 x backward to their inputs, plus 2 x for the weights'
     own gradients in full training (LoRA's are negligible); the LM head counts where a loss is taken."""
     from transformers import AutoConfig
@@ -313,29 +320,31 @@ def work_per_row(model: str, path: str, template: str, data_dir: Path, full: boo
     flops = (factor * block * c.num_hidden_layers * stats["tokens"]
              + factor * c.hidden_size * c.vocab_size * stats["supervised_tokens"])
     n = stats["sequences"]
-    return stats["tokens"] / n, stats["supervised_tokens"] / n, flops / n
+    return stats["tokens"] / n, stats["supervised_tokens"] / n, flops / n, factor * block * c.num_hidden_layers
 
 
 def print_table(table, rows: int, peak: float) -> None:
     header = (f"{'model':<24}{'framework':<34}{'rows/s':>8}{'sup tok/s':>11}{'tok/s':>8}{'peak RSS':>10}"
-              f"{'estimate':>10}{'est err':>9}{'loss':>8}{'dev acc':>9}{'MFU':>7}{'wall s':>8}")
+              f"{'estimate':>10}{'est err':>9}{'loss':>8}{'dev acc':>9}{'MFU':>7}{'run MFU':>9}{'wall s':>8}")
     print("\n" + header + "\n" + "-" * len(header))
     for model, results in table:
         for r in results:
-            tokens, supervised, flops = r.work
+            tokens, supervised, flops, per_token = r.work
+            run_flops = flops - r.shared / rows * per_token  # what ran: the shared prompts once per batch
             rows_s = rows / r.runtime
             estimate = f"{r.estimate / 2 ** 30:>8.2f}GB{(r.estimate - r.peak_rss) / r.peak_rss:>+9.1%}" \
                 if r.estimate else f"{'-':>10}{'-':>9}"
             accuracy = f"{r.accuracy:>9.3f}" if r.accuracy == r.accuracy else f"{'-':>9}"
             print(f"{model:<24}{r.framework:<34}{rows_s:>8.2f}{rows_s * supervised:>11.1f}{rows_s * tokens:>8.0f}"
                   f"{r.peak_rss / 2 ** 30:>8.2f}GB{estimate}{r.train_loss:>8.3f}{accuracy}"
-                  f"{rows_s * flops / (peak * 1e9):>7.1%}{r.wall:>8.0f}")
+                  f"{rows_s * flops / (peak * 1e9):>7.1%}{rows_s * run_flops / (peak * 1e9):>9.1%}{r.wall:>8.0f}")
         ours = next((r for r in results if r.variant == "lora" and r.framework.startswith("TuneForge")), None)
         for r in results:
             if ours and not r.framework.startswith("TuneForge"):
                 print(f"{'':<24}TuneForge / {r.framework}: {r.runtime / ours.runtime:.2f}x rows/s, "
                       f"{ours.peak_rss / r.peak_rss:.2f}x peak RSS")
-    print(f"\nMFU: useful model FLOPs per second over the measured fp32 matmul peak ({peak:.1f} GFLOP/s).")
+    print(f"\nMFU: useful model FLOPs per second over the measured fp32 matmul peak ({peak:.1f} GFLOP/s); run MFU: "
+          "the FLOPs that ran, where TuneForge computed a prompt shared by a batch's rows once for the batch.")
     if any(model in QWEN25 for model, _ in table):
         print("qwen2.5-*-random: the published Qwen2.5 shapes with random weights (speed and memory only; the loss "
               "and accuracy of random weights mean nothing).")

@@ -242,20 +242,139 @@ def last_layer_sees_only(model: nn.Module, keep: torch.Tensor):
                 del part.forward
 
 
-def supervised_loss_sum(model: nn.Module, labels: torch.Tensor, **inputs) -> tuple[torch.Tensor, int]:
+def _prefix_shareable(model: nn.Module, length: int) -> bool:
+    """Whether a training batch's shared prompt may run once (`shared_prefix_length`): a model called directly
+    (no DistributedDataParallel, DeepSpeed or compile wrapper) of a `PLAIN_HEADS` class with its own decoder
+    layers (not Mixture-of-Depths), no gradient checkpointing, no dropout (one mask for all rows would correlate
+    them), no attention soft-capping and no sliding window shorter than the rows (`length` tokens)."""
+    from tuneforge.model.adapters import decoder_layers
+
+    if unwrap(model) is not model:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    if name not in PLAIN_HEADS or getattr(base, "is_gradient_checkpointing", False):
+        return False
+    layer_class = name.replace("ForCausalLM", "DecoderLayer")
+    if any(type(layer).__name__ != layer_class for layer in decoder_layers(base)[1]):
+        return False
+    config = base.config
+    if any(float(getattr(config, key, 0) or 0) > 0 for key in ("attention_dropout", "hidden_dropout", "dropout")):
+        return False
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "attn_logit_softcapping", None) or (window is not None and window < length):
+        return False
+    return not any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in model.modules())
+
+
+def shared_prefix_length(model: nn.Module, labels: torch.Tensor, inputs: dict) -> int:
+    """How many leading tokens every row of a training batch shares and no loss reads (the template's header,
+    a system prompt, one instruction for a whole classification data set), when computing them once is exact
+    and worth it; else 0. The shared part ends before the first position whose next token is supervised, so
+    its logits are never needed and its hidden states, causal, do not depend on what follows."""
+    ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+    if set(inputs) - {"input_ids", "attention_mask"} or ids is None or mask is None or ids.dim() != 2 or \
+            ids.shape[0] < 2 or not torch.is_grad_enabled():
+        return 0
+    same = ((ids == ids[:1]).all(0) & mask.bool().all(0)).int()
+    supervised = (labels != IGNORE).any(0).nonzero()
+    first = int(supervised[0]) if len(supervised) else ids.shape[1]
+    length = min(int(same.cumprod(0).sum()), first - 1)
+    if length * (ids.shape[0] - 1) < 8 or not _prefix_shareable(model, ids.shape[1]):  # too few to pay
+        return 0
+    return length
+
+
+SHARED_PROMPT_ATTENTION = "tuneforge_shared_prompt"
+
+
+def _shared_prompt_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                             tuneforge_shared_prompt=None, **kwargs):
+    """Attention over the one-row layout of `_one_row_after_shared_prompt`: (1, heads, P + B x S, d) tensors
+    holding the shared prompt's P positions, then B rows of S. The prompt attends causally to itself; each row
+    to the whole prompt and causally to its own real tokens. Returns (1, P + B x S, heads, d), as transformers'
+    attention functions do."""
+    prompt, rows, allowed = tuneforge_shared_prompt
+    heads, dim = query.shape[1], query.shape[3]
+    width = (query.shape[2] - prompt) // rows
+    gqa = heads != key.shape[1]
+
+    def split(t):  # (1, h, P + B x S, d) -> (1, h, P, d), (B, h, S, d)
+        return t[:, :, :prompt], t[0, :, prompt:].unflatten(1, (rows, width)).transpose(0, 1)
+
+    (q0, q1), (k0, k1), (v0, v1) = split(query), split(key), split(value)
+    head = F.scaled_dot_product_attention(q0, k0, v0, is_causal=True, scale=scaling, enable_gqa=gqa)
+    keys = torch.cat([k0.expand(rows, -1, -1, -1), k1], dim=2)
+    values = torch.cat([v0.expand(rows, -1, -1, -1), v1], dim=2)
+    tail = F.scaled_dot_product_attention(q1, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
+    out = torch.cat([head[0].transpose(0, 1), tail.transpose(1, 2).reshape(rows * width, heads, dim)])
+    return out[None], None
+
+
+def _register_shared_prompt_attention() -> None:
+    from transformers import AttentionInterface
+
+    if SHARED_PROMPT_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SHARED_PROMPT_ATTENTION, _shared_prompt_attention)
+
+
+def _one_row_after_shared_prompt(length: int, inputs: dict, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """The batch as one row: the shared `length` tokens once, then every row's remaining S tokens (padding
+    included), with each row's positions continuing the prompt's and the attention layout
+    (`_shared_prompt_attention`). Position-wise layers, most of the work, see the prompt once; the labels
+    follow the same layout (the position before each row's part predicts nothing: it is never supervised)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    rows, total = ids.shape
+    width, device = total - length, ids.device
+    flat = torch.cat([ids[0, :length], ids[:, length:].reshape(-1)])[None]
+    steps = torch.arange(total, device=device)
+    positions = torch.cat([steps[:length], steps[length:].repeat(rows)])[None]
+    real = mask[:, length:].bool()
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    allowed = torch.cat([torch.ones(rows, width, length, dtype=torch.bool, device=device),
+                         causal[None] & real[:, None, :]], dim=2)[:, None]  # (B, 1, S, P + S)
+    flat_labels = torch.cat([labels.new_full((length,), IGNORE), labels[:, length:].reshape(-1)])[None]
+    return {"input_ids": flat, "position_ids": positions, "use_cache": False,
+            "tuneforge_shared_prompt": (length, rows, allowed)}, flat_labels
+
+
+@contextlib.contextmanager
+def _attention_implementation(model: nn.Module, name: str):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    before = config._attn_implementation_internal
+    config._attn_implementation_internal = name
+    try:
+        yield
+    finally:
+        config._attn_implementation_internal = before
+
+
+def supervised_loss_sum(model: nn.Module, labels: torch.Tensor, shared: int | None = None,
+                        **inputs) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of the supervised next tokens and how many there are. Where the output layer does not
     train (`frozen_plain_head`) and gradients are wanted, the loss comes from the single-pass
     `head_cross_entropy`, with the last layer's position-wise parts computed at the supervised positions only
-    (`last_layer_sees_only`); otherwise from the logits at the supervised positions."""
+    (`last_layer_sees_only`); otherwise from the logits at the supervised positions. A prompt that every row of
+    the batch starts with runs once (`shared`: its length, `shared_prefix_length` when not given)."""
+    shared = shared_prefix_length(model, labels, inputs) if shared is None else shared
+    layout = contextlib.nullcontext()
+    if shared:
+        _register_shared_prompt_attention()
+        inputs, labels = _one_row_after_shared_prompt(shared, inputs, labels)
+        layout = _attention_implementation(model, SHARED_PROMPT_ATTENTION)
+    else:
+        inputs = {**inputs, "use_cache": False}
     keep = next_token_mask(labels)
     targets = next_token_targets(labels, keep)
     plain = frozen_plain_head(model) if torch.is_grad_enabled() else None
     if plain is None:
-        logits = forward_at(model, keep, **inputs)[0].logits
+        with layout, head_sees_only(model, keep):
+            logits = model(**inputs).logits
         return causal_lm_loss_sum(logits, targets), targets.numel()
     weight, cap = plain
-    with head_skipped(model, keep) as seen, last_layer_sees_only(model, keep):
-        model(**inputs, use_cache=False)
+    with layout, head_skipped(model, keep) as seen, last_layer_sees_only(model, keep):
+        model(**inputs)
     return head_cross_entropy(seen[-1], weight, targets, cap), targets.numel()
 
 

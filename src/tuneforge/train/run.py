@@ -190,6 +190,8 @@ def _train(cfg: TuneForgeConfig, trainer, stop: GracefulStop, prepared: Prepared
     stop_if_diverged(trainer_guard(trainer), run, cfg)
     status = "interrupted" if stop.requested else "completed"
     metrics = dict(output.metrics)
+    if getattr(trainer, "shared_prompt_tokens", 0):
+        metrics["shared_prompt_tokens"] = trainer.shared_prompt_tokens
     if prepared.data.eval is not None and status == "completed":
         metrics.update(trainer.evaluate())
     try:

@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - older transformers
 
 from tuneforge.data.sampler import LengthBuckets
 from tuneforge.data.tokenized import TokenizedData
-from tuneforge.model.scoring import causal_lm_loss_sum, supervised_logits, supervised_loss_sum
+from tuneforge.model.scoring import causal_lm_loss_sum, shared_prefix_length, supervised_logits, supervised_loss_sum
 from tuneforge.rundir import mark_checkpoint_complete
 
 
@@ -41,6 +41,7 @@ class TuneForgeTrainer(Trainer):
         self.model_accepts_loss_kwargs = True  # makes the Trainer count supervised tokens per optimizer step
         self._tokens = 0
         self._supervised = 0
+        self.shared_prompt_tokens = 0  # token positions not computed because a batch's rows shared them
         self._clock = time.perf_counter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -48,8 +49,10 @@ class TuneForgeTrainer(Trainer):
         if return_outputs:
             logits, targets = supervised_logits(model, labels, **inputs)  # (N, V), (N,)
             loss_sum, count = causal_lm_loss_sum(logits, targets), targets.numel()
-        else:  # no logits kept where the output layer does not train
-            loss_sum, count = supervised_loss_sum(model, labels, **inputs)
+        else:  # no logits kept where the output layer does not train; a prompt all rows share runs once
+            shared = shared_prefix_length(model, labels, inputs)
+            loss_sum, count = supervised_loss_sum(model, labels, shared=shared, **inputs)
+            self.shared_prompt_tokens += shared * (labels.shape[0] - 1)
         n = num_items_in_batch if num_items_in_batch is not None else count
         loss = loss_sum / (n.to(loss_sum.device).clamp(min=1) if torch.is_tensor(n) else max(n, 1))
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1 and num_items_in_batch is not None:

@@ -10,7 +10,7 @@ import torch
 from tests.conftest import FAMILIES, build_family_model, build_tiny_model
 from tuneforge.model.scoring import (causal_lm_loss_sum, forward_at, frozen_plain_head, head_cross_entropy,
                                      last_layer_sees_only, last_token_rewards, next_token_mask, next_token_targets,
-                                     sequence_logprobs, supervised_logits, supervised_loss_sum)
+                                     sequence_logprobs, shared_prefix_length, supervised_logits, supervised_loss_sum)
 
 
 def test_mask_and_targets_are_shifted_by_one():
@@ -146,6 +146,104 @@ def test_supervised_loss_through_the_single_pass_equals_the_logits_path(kind):
         error, bound = (grad - exact_grads[name]).abs().max(), (plain_grads[name] - exact_grads[name]).abs().max()
         assert error <= 4 * bound + 1e-6, (name, float(error), float(bound))
         assert exact_grads[name].abs().max() > 1e-4, name  # every adapter gets a real gradient
+
+
+def shared_batch(vocab: int):
+    """Four rows that start with the same 7 tokens (a template header and one instruction), one right-padded,
+    supervised from position 10 (row 1 from 12)."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, vocab, (4, 16), generator=g)
+    ids[:, :7] = ids[0, :7]
+    mask = torch.ones_like(ids)
+    mask[2, 12:] = 0
+    labels = ids.clone()
+    labels[:, :10] = -100
+    labels[1, :12] = -100
+    labels[2, 12:] = -100
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_a_prompt_every_row_shares_runs_once(kind, lora):
+    """The batch runs as one row: the 7 shared tokens once, then the other 9 of each row, which attend to them.
+    Loss and every trainable weight's gradient (embeddings included in full training) are as close to the
+    float64 logits path without sharing as the float32 one is (within 4x its largest error)."""
+    import copy
+
+    overrides = {"final_logit_softcapping": 5.0} if kind == "gemma3_text" else {}
+    model = build_family_model(kind, 96, **overrides)
+    model = _lora(model) if lora else model.train()
+    exact_model = copy.deepcopy(model).double()
+    ids, mask, labels = shared_batch(96)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    assert shared_prefix_length(model, labels, inputs) == 7
+
+    def loss_and_grads(m, fn):
+        m.zero_grad(set_to_none=True)
+        loss = fn(m)
+        loss.backward()
+        return loss.detach().double(), {n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None}
+
+    def logits_path(m):  # no sharing
+        return causal_lm_loss_sum(*supervised_logits(m, labels, **inputs))
+
+    exact, exact_grads = loss_and_grads(exact_model, logits_path)
+    plain, plain_grads = loss_and_grads(model, logits_path)
+    first = (model.get_base_model() if lora else model).model.layers[0].self_attn.k_proj
+    seen = []
+    handle = (first.base_layer if lora else first).register_forward_pre_hook(
+        lambda _m, args: seen.append(tuple(args[0].shape[:-1])))
+    loss, grads = loss_and_grads(model, lambda m: supervised_loss_sum(m, labels, **inputs)[0])
+    handle.remove()
+    assert seen == [(1, 7 + 4 * 9)]  # the prompt once, then the rest of every row
+    assert abs(float(loss - exact)) <= 4 * abs(float(plain - exact)) + 1e-6 * abs(float(exact))
+    assert grads.keys() == exact_grads.keys() and len(grads) >= 20
+    for name, grad in grads.items():
+        error, bound = (grad - exact_grads[name]).abs().max(), (plain_grads[name] - exact_grads[name]).abs().max()
+        assert error <= 4 * bound + 1e-6, (name, float(error), float(bound))
+    if not lora:  # the shared tokens' embedding rows collect the gradient of all four rows
+        embedding = "model.embed_tokens.weight"
+        assert exact_grads[embedding][ids[0, :7]].abs().max() > 1e-4
+
+
+def test_no_shared_prompt_where_running_it_once_would_change_the_result():
+    import copy
+
+    model = _lora(build_family_model("llama", 96))
+    ids, mask, labels = shared_batch(96)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    assert shared_prefix_length(model, labels, inputs) == 7
+    early = labels.clone()
+    early[3, 5] = ids[3, 5]  # a loss inside the common part: only the tokens before it are shared
+    assert shared_prefix_length(model, early, inputs) == 4
+    short = {"input_ids": ids[:, :3], "attention_mask": mask[:, :3]}  # 2 x 3 tokens: not worth a second call
+    assert shared_prefix_length(model, labels[:, :3], short) == 0
+    left = {"input_ids": ids, "attention_mask": mask.flip(1)}  # left padding: no common real prefix
+    assert shared_prefix_length(model, labels, left) == 0
+    assert shared_prefix_length(model, labels, {**inputs, "position_ids": torch.arange(16).expand(4, -1)}) == 0
+    assert shared_prefix_length(model, labels[:1], {k: v[:1] for k, v in inputs.items()}) == 0
+    with torch.no_grad():
+        assert shared_prefix_length(model, labels, inputs) == 0
+    dropout = _lora_dropout(build_family_model("llama", 96))
+    assert shared_prefix_length(dropout, labels, inputs) == 0  # one dropout mask would serve every row
+    assert shared_prefix_length(dropout.eval(), labels, inputs) == 7  # dropout off: exact again
+    checkpointed = copy.deepcopy(model)
+    checkpointed.get_base_model().gradient_checkpointing_enable()
+    assert shared_prefix_length(checkpointed, labels, inputs) == 0  # the prompt would rerun outside the call
+
+    class Wrapper(torch.nn.Module):  # DistributedDataParallel's shape: one forward per backward expected
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert shared_prefix_length(Wrapper(model), labels, inputs) == 0
+
+
+def _lora_dropout(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear")).train()
 
 
 def test_the_logits_path_where_the_head_trains_or_layers_recompute():

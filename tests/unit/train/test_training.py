@@ -363,3 +363,24 @@ def test_resuming_from_the_last_checkpoint_trains_no_extra_step(tiny_config):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     again = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(again[k], final[k]) for k in final)
+
+
+def test_a_system_prompt_shared_by_every_row_runs_once_and_trains_the_same(tiny_config, tmp_path, monkeypatch):
+    """Every row starts with the same system prompt: each batch runs it once (run.json counts the token positions
+    saved), and the trained adapter equals a run that computes it in every row."""
+    import tuneforge.train.trainer as trainer_module
+
+    tiny_config["data"]["default_system"] = "You are a careful assistant. Answer in one short sentence, politely."
+    shared = train(tiny_config)
+    saved = json.loads((shared.run_dir / "run.json").read_text())["metrics"]["shared_prompt_tokens"]
+    assert saved >= 3 * 3 * 10  # 3 steps, 3 of 4 rows, the prompt's tokens
+    monkeypatch.setattr(trainer_module, "shared_prefix_length", lambda *args: 0)
+    tiny_config["output"]["run_dir"] = str(tmp_path / "every-row")
+    every_row = train(tiny_config)
+    assert "shared_prompt_tokens" not in json.loads((every_row.run_dir / "run.json").read_text())["metrics"]
+    a = load_file(shared.run_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(every_row.run_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+    assert all(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # trained away from its zero start
