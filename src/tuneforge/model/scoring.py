@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -242,6 +243,9 @@ def last_layer_sees_only(model: nn.Module, keep: torch.Tensor):
                 del part.forward
 
 
+_LAYOUT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its decoder layers, its dropouts)
+
+
 def _prefix_shareable(model: nn.Module, length: int) -> bool:
     """Whether a training batch's shared prompt may run once (`shared_prefix_length`): a model called directly
     (no DistributedDataParallel, DeepSpeed or compile wrapper) of a `PLAIN_HEADS` class with its own decoder
@@ -253,10 +257,16 @@ def _prefix_shareable(model: nn.Module, length: int) -> bool:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(base).__name__
-    if name not in PLAIN_HEADS or getattr(base, "is_gradient_checkpointing", False):
+    if name not in PLAIN_HEADS:
         return False
-    layer_class = name.replace("ForCausalLM", "DecoderLayer")
-    if any(type(layer).__name__ != layer_class for layer in decoder_layers(base)[1]):
+    known = _LAYOUT.get(model)
+    if known is None:  # the model's structure, looked up once: its modules do not change while it trains
+        layers = decoder_layers(base)[1]
+        layer_class = name.replace("ForCausalLM", "DecoderLayer")
+        own = all(type(layer).__name__ == layer_class for layer in layers)
+        known = _LAYOUT[model] = (layers if own else None, [m for m in model.modules() if isinstance(m, nn.Dropout)])
+    layers, dropouts = known
+    if layers is None or any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
         return False
     config = base.config
     if any(float(getattr(config, key, 0) or 0) > 0 for key in ("attention_dropout", "hidden_dropout", "dropout")):
@@ -264,7 +274,7 @@ def _prefix_shareable(model: nn.Module, length: int) -> bool:
     window = getattr(config, "sliding_window", None)
     if getattr(config, "attn_logit_softcapping", None) or (window is not None and window < length):
         return False
-    return not any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in model.modules())
+    return not any(m.p > 0 and m.training for m in dropouts)
 
 
 def shared_prefix_length(model: nn.Module, labels: torch.Tensor, inputs: dict) -> int:
