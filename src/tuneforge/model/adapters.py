@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import types
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -188,9 +189,70 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self._peft_forward(x, *args, **kwargs)
     flat = x.reshape(-1, x.shape[-1])
     out = base(flat)  # a fresh (tokens x out) tensor that nothing keeps for backward
-    down = self.lora_A[name](self.lora_dropout[name](flat))
+    group = self.__dict__.get("_shared_input")
+    down = group.down(self, name, x, flat) if group is not None else None
+    if down is None:
+        down = self.lora_A[name](self.lora_dropout[name](flat))
     out.addmm_(down, up.weight.t(), alpha=self.scaling[name])
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class _SharedInput:
+    """LoRA layers of one block that read the same input (an attention's query, key and value projections; an
+    MLP's gate and up projections). The first of them called computes every member's down-projection A(x) in
+    one product with the members' A matrices stacked, and each member takes its columns: one pass over x and
+    one product (and, backward, one for A's gradient and one for x's) instead of one per member; the products
+    of rank-8 matrices are too small to run fast alone. Only without LoRA dropout (each member would draw its
+    own mask) and for the same tensor x (same object, unchanged since): a member called on anything else
+    computes its own."""
+
+    def __init__(self, members: list):
+        self.members = members
+        self.source = None  # weakref to the x of the last shared product
+        self.version = self.adapter = self.stacked = None
+        self.taken: set[int] = set()
+
+    def down(self, member, name: str, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor | None:
+        at = self.members.index(member)
+        hit = (self.stacked is not None and self.adapter == name and self.source() is x
+               and self.version == x._version and at not in self.taken)
+        if not hit:
+            weights = []
+            for m in self.members:
+                a = m.lora_A[name] if name in m.lora_A else None
+                if (a is None or type(a) is not nn.Linear or a.bias is not None or m.active_adapters != [name]
+                        or not isinstance(m.lora_dropout[name], nn.Identity) or a.weight.dtype != flat.dtype):
+                    self.stacked = None
+                    return None
+                weights.append(a.weight)
+            self.stacked = torch.nn.functional.linear(flat, torch.cat(weights))
+            self.source, self.version, self.adapter, self.taken = weakref.ref(x), x._version, name, set()
+        start = sum(m.lora_A[name].out_features for m in self.members[:at])
+        part = self.stacked[:, start:start + member.lora_A[name].out_features]
+        self.taken.add(at)
+        if len(self.taken) == len(self.members):  # every member has its part: nothing to keep
+            self.stacked = self.source = None
+        return part
+
+
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings called on the same tensor
+
+
+def share_lora_inputs(model: nn.Module) -> int:
+    """Group the LoRA layers that read the same input (`_SharedInput`, `SHARED_INPUTS`) in every module that holds
+    them; layers already fused in place (`fused_lora_forward`) use the group. Returns how many groups."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    groups = 0
+    for module in model.modules():
+        for names in SHARED_INPUTS:
+            members = [getattr(module, n, None) for n in names]
+            if all(type(m) is LoraLinear and "_shared_input" not in m.__dict__ for m in members):
+                group = _SharedInput(members)
+                for m in members:
+                    m._shared_input = group
+                groups += 1
+    return groups
 
 
 def fused_lora_forward(model: nn.Module) -> int:

@@ -300,25 +300,31 @@ SHARED_PROMPT_ATTENTION = "tuneforge_shared_prompt"
 
 def _shared_prompt_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                              tuneforge_shared_prompt=None, **kwargs):
-    """Attention over the one-row layout of `_one_row_after_shared_prompt`: (1, heads, P + B x S, d) tensors
-    holding the shared prompt's P positions, then B rows of S. The prompt attends causally to itself; each row
-    to the whole prompt and causally to its own real tokens. Returns (1, P + B x S, heads, d), as transformers'
-    attention functions do."""
-    prompt, rows, allowed = tuneforge_shared_prompt
+    """Attention over the one-row layout of `_one_row_after_shared_prompt`: (1, heads, P + R, d) tensors holding
+    the shared prompt's P positions, then the R positions that run of B rows of S (`index`: where they lie in
+    the rows, None when all of them run). The prompt attends causally to itself; each row to the whole prompt
+    and causally to its own real tokens. Rows are laid out (B, heads, S, d) for that, skipped positions zero.
+    Returns (1, P + R, heads, d), as transformers' attention functions do."""
+    prompt, rows, allowed, index = tuneforge_shared_prompt
     heads, dim = query.shape[1], query.shape[3]
-    width = (query.shape[2] - prompt) // rows
+    width = allowed.shape[-2]
     gqa = heads != key.shape[1]
 
-    def split(t):  # (1, h, P + B x S, d) -> (1, h, P, d), (B, h, S, d)
-        return t[:, :, :prompt], t[0, :, prompt:].unflatten(1, (rows, width)).transpose(0, 1)
+    def split(t):  # (1, h, P + R, d) -> (1, h, P, d), (B, h, S, d)
+        rest = t[0, :, prompt:]
+        if index is not None:
+            rest = rest.new_zeros(rest.shape[0], rows * width, rest.shape[2]).index_copy(1, index, rest)
+        return t[:, :, :prompt], rest.unflatten(1, (rows, width)).transpose(0, 1)
 
     (q0, q1), (k0, k1), (v0, v1) = split(query), split(key), split(value)
     head = F.scaled_dot_product_attention(q0, k0, v0, is_causal=True, scale=scaling, enable_gqa=gqa)
     keys = torch.cat([k0.expand(rows, -1, -1, -1), k1], dim=2)
     values = torch.cat([v0.expand(rows, -1, -1, -1), v1], dim=2)
     tail = F.scaled_dot_product_attention(q1, keys, values, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
-    out = torch.cat([head[0].transpose(0, 1), tail.transpose(1, 2).reshape(rows * width, heads, dim)])
-    return out[None], None
+    tail = tail.transpose(1, 2).reshape(rows * width, heads, dim)
+    if index is not None:
+        tail = tail.index_select(0, index)
+    return torch.cat([head[0].transpose(0, 1), tail])[None], None
 
 
 def _register_shared_prompt_attention() -> None:
@@ -329,23 +335,31 @@ def _register_shared_prompt_attention() -> None:
 
 
 def _one_row_after_shared_prompt(length: int, inputs: dict, labels: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """The batch as one row: the shared `length` tokens once, then every row's remaining S tokens (padding
-    included), with each row's positions continuing the prompt's and the attention layout
-    (`_shared_prompt_attention`). Position-wise layers, most of the work, see the prompt once; the labels
-    follow the same layout (the position before each row's part predicts nothing: it is never supervised)."""
+    """The batch as one row: the shared `length` tokens once, then every row's remaining real tokens (padding
+    does not run), with each row's positions continuing the prompt's and the attention layout
+    (`_shared_prompt_attention`). Position-wise layers, most of the work, see the prompt once and no padding;
+    the labels follow the same layout (the position before each row's part predicts nothing: the part's first
+    token is never supervised)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     rows, total = ids.shape
     width, device = total - length, ids.device
-    flat = torch.cat([ids[0, :length], ids[:, length:].reshape(-1)])[None]
-    steps = torch.arange(total, device=device)
-    positions = torch.cat([steps[:length], steps[length:].repeat(rows)])[None]
     real = mask[:, length:].bool()
+    runs = (real | (labels[:, length:] != IGNORE)).reshape(-1)  # a supervised padding position runs too
+    index = None if bool(runs.all()) else runs.nonzero().squeeze(1)
+
+    def rest(t):  # (B, T) -> the positions that run after the prompt, row after row
+        t = t[:, length:].reshape(-1)
+        return t if index is None else t[index]
+
+    steps = torch.arange(total, device=device)
+    flat = torch.cat([ids[0, :length], rest(ids)])[None]
+    positions = torch.cat([steps[:length], rest(steps.expand(rows, -1))])[None]
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     allowed = torch.cat([torch.ones(rows, width, length, dtype=torch.bool, device=device),
                          causal[None] & real[:, None, :]], dim=2)[:, None]  # (B, 1, S, P + S)
-    flat_labels = torch.cat([labels.new_full((length,), IGNORE), labels[:, length:].reshape(-1)])[None]
+    flat_labels = torch.cat([labels.new_full((length,), IGNORE), rest(labels)])[None]
     return {"input_ids": flat, "position_ids": positions, "use_cache": False,
-            "tuneforge_shared_prompt": (length, rows, allowed)}, flat_labels
+            "tuneforge_shared_prompt": (length, rows, allowed, index)}, flat_labels
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from tuneforge.data.pipeline import DataBundle, load_data
 from tuneforge.data.template import ChatTemplate, resolve_template
 from tuneforge.errors import ConfigError
 from tuneforge.model.adapters import (ParamCount, apply_adapter, check_loftq, column_major_lora_up, count_params,
-                                      fused_lora_forward,
+                                      fused_lora_forward, share_lora_inputs,
                                       quantizes_base, upcast_trainable)
 from tuneforge.model.depth import CONFIG_KEY, ROUTER, apply_mixture_of_depths
 from tuneforge.model.integrity import verify_weight_folder
@@ -114,6 +114,7 @@ def build_model(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None):
             and not (cfg.train.deepspeed or cfg.train.fsdp)):  # torch's own optimizers follow a weight's layout
         column_major_lora_up(model)  # the same values; B's gradient in the layout the CPU computes fast
         fused_lora_forward(model)  # the adapters' products added into the base outputs in place
+        share_lora_inputs(model)  # one down-projection product per input that several adapters read
     return model
 
 

@@ -73,13 +73,14 @@ def test_decoder_layers_finds_the_block_stack():
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_fused_lora_forward_matches_peft_in_outputs_and_gradients(dropout):
     """The adapters' products added in place (addmm_) give PEFT's outputs and gradients; the base projection's
-    output is not kept by anything, so the in-place sum is legal for autograd in training."""
+    output is not kept by anything, so the in-place sum is legal for autograd in training. Siblings reading the
+    same input (query/key/value, gate/up) share one down-projection product when there is no dropout."""
     import copy
 
     import torch
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    from tuneforge.model.adapters import fused_lora_forward
+    from tuneforge.model.adapters import fused_lora_forward, share_lora_inputs
 
     torch.manual_seed(0)
     theirs = apply_adapter(build_tiny_model(100), LoraAdapter(rank=4, alpha=12, dropout=dropout)).train()
@@ -88,6 +89,11 @@ def test_fused_lora_forward_matches_peft_in_outputs_and_gradients(dropout):
             torch.nn.init.normal_(p, std=0.05)  # B not zero: the adapters change every output
     ours = copy.deepcopy(theirs)
     assert fused_lora_forward(ours) == 14 and fused_lora_forward(ours) == 0  # 7 linears x 2 layers, once
+    assert share_lora_inputs(ours) == 4 and share_lora_inputs(ours) == 0  # (q, k, v) and (gate, up) x 2 layers
+    downs = []
+    for module in ours.modules():
+        if isinstance(module, LoraLinear):
+            module.lora_A["default"].register_forward_hook(lambda m, a, out: downs.append(out.shape))
     ids = torch.randint(3, 100, (2, 16))
     results = []
     for model in (theirs, ours):
@@ -95,6 +101,8 @@ def test_fused_lora_forward_matches_peft_in_outputs_and_gradients(dropout):
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         results.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    # without dropout only the output and down projections call their own A; with it every layer does
+    assert len(downs) == (14 if dropout else 4)
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     assert len(results[0][1]) == 28
     for name, grad in results[0][1].items():

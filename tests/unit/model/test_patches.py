@@ -16,6 +16,10 @@ def import_output(code: str) -> str:
 
 def test_bitsandbytes_cpu_notice_is_quiet_and_still_needed():
     pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():  # bitsandbytes looks for that kernel, and prints the notice, only on such CPUs
+        pytest.skip("this CPU lacks AVX512-BF16: bitsandbytes prints no notice here")
     # upstream still prints it when imported on its own (when this fails, drop the patch and this test)
     assert BITSANDBYTES_NOTICE in import_output("import bitsandbytes")
     # through tuneforge (which PEFT-importing commands go through) it is gone, and the CLI is quiet
