@@ -210,27 +210,34 @@ class _SharedInput:
         self.members = members
         self.source = None  # weakref to the x of the last shared product
         self.version = self.adapter = self.stacked = None
-        self.taken: set[int] = set()
+        self.first, self.ends, self.taken = 0, [], set()
 
     def down(self, member, name: str, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor | None:
         at = self.members.index(member)
         hit = (self.stacked is not None and self.adapter == name and self.source() is x
-               and self.version == x._version and at not in self.taken)
+               and self.version == x._version and self.first <= at and at not in self.taken)
         if not hit:
+            # stack this member and those after it: a member called on another tensor (the last layer's query
+            # sees only the supervised rows) leaves its successors sharing theirs, and nothing is kept for it
+            self.stacked = self.source = None
             weights = []
-            for m in self.members:
+            for m in self.members[at:]:
                 a = m.lora_A[name] if name in m.lora_A else None
                 if (a is None or type(a) is not nn.Linear or a.bias is not None or m.active_adapters != [name]
                         or not isinstance(m.lora_dropout[name], nn.Identity) or a.weight.dtype != flat.dtype):
-                    self.stacked = None
                     return None
                 weights.append(a.weight)
+            if len(weights) == 1:  # the last member alone: its own product, nothing to share
+                return None
             self.stacked = torch.nn.functional.linear(flat, torch.cat(weights))
             self.source, self.version, self.adapter, self.taken = weakref.ref(x), x._version, name, set()
-        start = sum(m.lora_A[name].out_features for m in self.members[:at])
-        part = self.stacked[:, start:start + member.lora_A[name].out_features]
+            self.first, self.ends = at, [0]
+            for w in weights:
+                self.ends.append(self.ends[-1] + w.shape[0])
+        k = at - self.first
+        part = self.stacked[:, self.ends[k]:self.ends[k + 1]]
         self.taken.add(at)
-        if len(self.taken) == len(self.members):  # every member has its part: nothing to keep
+        if len(self.taken) == len(self.members) - self.first:  # every member has its part: nothing to keep
             self.stacked = self.source = None
         return part
 

@@ -119,3 +119,46 @@ def test_fused_lora_forward_matches_peft_in_outputs_and_gradients(dropout):
             assert not torch.allclose(layer(x), expected)
         finally:
             handle.remove()
+
+
+def test_shared_lora_input_when_the_query_reads_other_rows():
+    """In the last layer the query projection reads only the supervised rows while key and value read them all:
+    the query computes its own product, key and value still share one, and the group keeps nothing afterwards."""
+    import torch
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from tuneforge.model.adapters import fused_lora_forward, share_lora_inputs
+
+    torch.manual_seed(0)
+    model = apply_adapter(build_tiny_model(100), LoraAdapter(rank=4, alpha=12)).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    fused_lora_forward(model)
+    share_lora_inputs(model)
+    attention = model.base_model.model.model.layers[0].self_attn
+    calls = []
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        layer = getattr(attention, proj)
+        layer.lora_A["default"].register_forward_hook(lambda m, a, out, proj=proj: calls.append(proj))
+    group = attention.q_proj._shared_input
+    x = torch.randn(2, 5, attention.q_proj.in_features, requires_grad=True)
+    kept = x[:, -2:]
+    outs = [attention.q_proj(kept), attention.k_proj(x), attention.v_proj(x)]
+    assert group.stacked is None and group.source is None  # key and value took their parts: nothing held
+    assert calls == []  # every down-projection came from a stacked product
+    sum(o.square().sum() for o in outs).backward()
+    trained = {n: p for n, p in attention.named_parameters() if p.requires_grad and n[0] in "qkv"}
+    grads = {n: p.grad.clone() for n, p in trained.items()}
+    assert len(grads) == 6
+    grad_x = x.grad.clone()
+    attention.zero_grad()
+    x.grad = None
+    reference = [getattr(attention, p)._peft_forward(t) for p, t in (("q_proj", kept), ("k_proj", x), ("v_proj", x))]
+    for ours, theirs in zip(outs, reference):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    sum(o.square().sum() for o in reference).backward()
+    torch.testing.assert_close(x.grad, grad_x, rtol=1e-5, atol=1e-6)
+    for n, p in trained.items():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6)
+    assert isinstance(attention.q_proj, LoraLinear)
