@@ -281,12 +281,16 @@ def shared_prefix_length(model: nn.Module, labels: torch.Tensor, inputs: dict) -
     """How many leading tokens every row of a training batch shares and no loss reads (the template's header,
     a system prompt, one instruction for a whole classification data set), when computing them once is exact
     and worth it; else 0. The shared part ends before the first position whose next token is supervised, so
-    its logits are never needed and its hidden states, causal, do not depend on what follows."""
+    its logits are never needed and its hidden states, causal, do not depend on what follows. Rows padded on
+    the right only, with no loss read at padding."""
     ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
     if set(inputs) - {"input_ids", "attention_mask"} or ids is None or mask is None or ids.dim() != 2 or \
             ids.shape[0] < 2 or not torch.is_grad_enabled():
         return 0
-    same = ((ids == ids[:1]).all(0) & mask.bool().all(0)).int()
+    real = mask.bool()
+    if bool((real[:, 1:] > real[:, :-1]).any() or (labels[~real] != IGNORE).any()):
+        return 0  # padding inside a row or a loss read at padding: the one-row layout would drop a position
+    same = ((ids == ids[:1]).all(0) & real.all(0)).int()
     supervised = (labels != IGNORE).any(0).nonzero()
     first = int(supervised[0]) if len(supervised) else ids.shape[1]
     length = min(int(same.cumprod(0).sum()), first - 1)
@@ -344,7 +348,7 @@ def _one_row_after_shared_prompt(length: int, inputs: dict, labels: torch.Tensor
     rows, total = ids.shape
     width, device = total - length, ids.device
     real = mask[:, length:].bool()
-    runs = (real | (labels[:, length:] != IGNORE)).reshape(-1)  # a supervised padding position runs too
+    runs = real.reshape(-1)
     index = None if bool(runs.all()) else runs.nonzero().squeeze(1)
 
     def rest(t):  # (B, T) -> the positions that run after the prompt, row after row

@@ -1,5 +1,6 @@
 """Logits, log-probabilities and rewards at chosen positions, against full forward passes of every supported family."""
 
+import gc
 import math
 import os
 import socket
@@ -222,6 +223,12 @@ def test_no_shared_prompt_where_running_it_once_would_change_the_result():
     assert shared_prefix_length(model, labels[:, :3], short) == 0
     left = {"input_ids": ids, "attention_mask": mask.flip(1)}  # left padding: no common real prefix
     assert shared_prefix_length(model, labels, left) == 0
+    holed = mask.clone()
+    holed[3, 13] = 0  # padding inside a row: the rows' layout attends causally, padding only at a row's end
+    assert shared_prefix_length(model, labels, {**inputs, "attention_mask": holed}) == 0
+    read_at_padding = labels.clone()
+    read_at_padding[2, 14] = ids[2, 14]  # a loss at a padding position: that position would not run
+    assert shared_prefix_length(model, read_at_padding, inputs) == 0
     assert shared_prefix_length(model, labels, {**inputs, "position_ids": torch.arange(16).expand(4, -1)}) == 0
     assert shared_prefix_length(model, labels[:1], {k: v[:1] for k, v in inputs.items()}) == 0
     with torch.no_grad():
@@ -329,7 +336,11 @@ def test_rewards_through_a_distributed_wrapper_reach_the_score_layer():
         wrapped = DistributedDataParallel(model)
         rewards = last_token_rewards(wrapped, ids, mask)
         rewards.sum().backward()
+        rewards = rewards.detach()
+        # the wrapper's reducer goes before its process group: freed after it, gloo's teardown can hang
+        del wrapped
+        gc.collect()
     finally:
         dist.destroy_process_group()
-    torch.testing.assert_close(rewards.detach(), expected)
+    torch.testing.assert_close(rewards, expected)
     assert model.score.weight.grad is not None and model.score.weight.grad.abs().sum() > 0
