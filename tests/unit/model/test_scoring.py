@@ -224,7 +224,7 @@ def test_no_shared_prompt_where_running_it_once_would_change_the_result():
     left = {"input_ids": ids, "attention_mask": mask.flip(1)}  # left padding: no common real prefix
     assert shared_prefix_length(model, labels, left) == 0
     holed = mask.clone()
-    holed[3, 13] = 0  # padding inside a row: the rows' layout attends causally, padding only at a row's end
+    holed[3, 13] = 0  # padding inside a row: the one-row layout would drop it and pair 12 with 14's label
     assert shared_prefix_length(model, labels, {**inputs, "attention_mask": holed}) == 0
     read_at_padding = labels.clone()
     read_at_padding[2, 14] = ids[2, 14]  # a loss at a padding position: that position would not run
