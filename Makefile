@@ -29,4 +29,4 @@ quickstart: install
 	$(BIN)/tuneforge chat runs/quickstart --prompt "Who are you?"
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25

@@ -18,7 +18,9 @@ script measures first. Useful FLOPs per token are counted the same way for both:
 per real token (forward, and the backward pass through frozen weights) plus 4 x hidden x vocabulary per
 supervised token (the LM head where a loss is taken). TuneForge computes a prompt that every row of a batch
 starts with once for the batch (here the template's header and the instruction); "run MFU" counts those
-positions once (run.json's shared_prompt_tokens), i.e. the FLOPs that ran. Not a test: the figures depend on the
+positions once (run.json's shared_prompt_tokens), i.e. the FLOPs that ran. The machine's speed drifts (it is
+shared): the matmul peak is also read just before and after each training run, and the comparison line shows those
+readings and the rows/s ratio scaled by them, next to the measured ratio. Not a test: the figures depend on the
 machine.
 """
 
@@ -69,6 +71,7 @@ class Result:
     work: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # per row: real tokens, supervised tokens,
     # useful FLOPs; and the decoder blocks' FLOPs per token
     shared: int = 0  # token positions TuneForge computed once for a whole batch (its rows' shared prompt)
+    peaks: tuple[float, float] = (float("nan"), float("nan"))  # matmul peak read just before and just after the run
 
 
 def main() -> None:
@@ -230,10 +233,12 @@ def run_tuneforge(model: str, template: str, data_dir: Path, out: Path, args, va
     estimate = estimated_peak(cfg_path)
     framework = "TuneForge" + ("" if variant == "lora" else " (full)")
     print(f"{Path(model).name}: {framework} training (estimated peak {estimate / 2 ** 30:.2f} GiB)", flush=True)
+    before = matmul_peak_gflops()
     wall, rss = run_tracked([sys.executable, "-m", "tuneforge", "train", str(cfg_path)], out.with_suffix(".log"))
+    peaks = (before, matmul_peak_gflops())
     metrics = json.loads((out / "run.json").read_text())["metrics"]
     return Result(framework, metrics["train_runtime"], wall, rss, metrics["train_loss"], variant=variant,
-                  target=out, estimate=estimate, shared=int(metrics.get("shared_prompt_tokens", 0)))
+                  target=out, estimate=estimate, shared=int(metrics.get("shared_prompt_tokens", 0)), peaks=peaks)
 
 
 def estimated_peak(cfg_path: Path) -> int:
@@ -266,9 +271,11 @@ def run_llamafactory(cli: Path, path: str, template: str, data_dir: Path, out: P
         env.pop(key, None)
     name = "LLaMA-Factory" + ("" if checkpointing else " (no checkpointing)")
     print(f"{Path(path).name}: {name} training", flush=True)
+    before = matmul_peak_gflops()
     wall, rss = run_tracked([str(cli), "train", str(cfg_path)], out.with_suffix(".log"), env=env, cwd=out.parent)
+    peaks = (before, matmul_peak_gflops())
     metrics = json.loads((out / "all_results.json").read_text())
-    return Result(name, metrics["train_runtime"], wall, rss, metrics["train_loss"], target=out)
+    return Result(name, metrics["train_runtime"], wall, rss, metrics["train_loss"], target=out, peaks=peaks)
 
 
 def dev_accuracy(target: Path, base_path: str, template: str, data_dir: Path, dev: int) -> float:
@@ -343,6 +350,11 @@ def print_table(table, rows: int, peak: float) -> None:
             if ours and not r.framework.startswith("TuneForge"):
                 print(f"{'':<24}TuneForge / {r.framework}: {r.runtime / ours.runtime:.2f}x rows/s, "
                       f"{ours.peak_rss / r.peak_rss:.2f}x peak RSS")
+                drift = sum(r.peaks) / sum(ours.peaks)
+                print(f"{'':<24}matmul peak around each run (before, after): TuneForge {ours.peaks[0]:.0f}, "
+                      f"{ours.peaks[1]:.0f}; {r.framework} {r.peaks[0]:.0f}, {r.peaks[1]:.0f} GFLOP/s; "
+                      f"the ratio at equal machine speed (scaled by the mean readings): "
+                      f"{r.runtime / ours.runtime * drift:.2f}x")
     print(f"\nMFU: useful model FLOPs per second over the measured fp32 matmul peak ({peak:.1f} GFLOP/s); run MFU: "
           "the FLOPs that ran, where TuneForge computed a prompt shared by a batch's rows once for the batch.")
     if any(model in QWEN25 for model, _ in table):

@@ -107,13 +107,14 @@ def _activation(c) -> str:
     return getattr(c, "hidden_activation", None) or getattr(c, "hidden_act", "") or ""
 
 
-def saved_per_token(c, trains_weights: bool, lora_rank: int = 0, lean_norms: bool = True) -> float:
+def saved_per_token(c, trains_weights: bool, lora_rank: int = 0, lean_norms: bool = True,
+                    float32: bool = True) -> float:
     """Numbers that backpropagation keeps per token and decoder block, counted with autograd's saved-tensor hooks
     on Llama, Qwen2, Qwen3 and Gemma 3 blocks (scaled-dot-product attention) while varying one dimension at a
     time: each norm's input (and its output, where lean_mlp's norms do not recompute it), queries, keys and values
     after rotation, the attention output and its projection's input, the gated MLP's gate and up (and its
     activation and product, where lean_mlp does not apply); norms' outputs a second time when their weights
-    train."""
+    train, unless lean_mlp's fused float32 norms (ScaledNorm) recompute them."""
     h, inter = c.hidden_size, c.intermediate_size
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
@@ -123,11 +124,13 @@ def saved_per_token(c, trains_weights: bool, lora_rank: int = 0, lean_norms: boo
     lean = _lean(c)
     mlp = 2 if lean else 4  # lean_mlps
     norms = 2 if lean and lean_norms else 4  # lean_norms: the two norms before projections keep their input only
-    per = (norms + 2 if trains_weights else norms) * h + 2 * q + 2 * k + mlp * inter + heads + 7 * lora_rank
+    fused = lean and lean_norms and float32  # ScaledNorm: a trained weight's gradient recomputes the norm's output
+    per = (norms + 2 if trains_weights and not fused else norms) * h + 2 * q + 2 * k + mlp * inter + heads \
+        + 7 * lora_rank
     if kind.startswith(QK_NORM):
         per += (2 if trains_weights else 1) * (q + k)
     if kind.startswith(SANDWICH_NORM):
-        per += (4 if trains_weights else 2) * h
+        per += (4 if trains_weights and not fused else 2) * h
     return per
 
 
@@ -136,7 +139,8 @@ def _activation_bytes(cfg: TuneForgeConfig, c, tokens: int, longest: int, superv
     adapter = cfg.method.adapter
     lora_rank = adapter.rank if adapter.type == "lora" else 0
     per_token = saved_per_token(c, adapter.type != "lora", lora_rank,
-                                lean_norms=not (cfg.train.deepspeed or cfg.train.fsdp)) * activation_slack()
+                                lean_norms=not (cfg.train.deepspeed or cfg.train.fsdp),
+                                float32=width == 4) * activation_slack()
     if cfg.model.attention == "eager":
         per_token += 2 * c.num_attention_heads * min(longest, cfg.data.cutoff_len)  # attention probabilities
     kept_layers = _layers_with_gradients(cfg, c.num_hidden_layers)

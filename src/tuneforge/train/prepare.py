@@ -107,7 +107,7 @@ def build_model(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None):
     model = make_trainable(cfg, model, tokenizer)
     lean_mlps(model)  # the same gradients, two intermediate tensors per MLP less kept for backward
     if not (cfg.train.deepspeed or cfg.train.fsdp):  # norms recompute with their whole weight
-        lean_norms(model)  # the same gradients, the norms' outputs recomputed in backward
+        lean_norms(model)  # norms' outputs recomputed in backward; float32 norms fused (gradients to rounding)
     if dtype != torch.float32:
         upcast_trainable(model)
     if (not torch.cuda.is_available() and cfg.train.optim in ("adamw_torch", "adamw_torch_fused")

@@ -1,4 +1,7 @@
-"""Gated MLPs keep gate and up only, norms recompute their outputs: bitwise the same loss and gradients, less kept."""
+"""Gated MLPs keep gate and up only, norms recompute their outputs: bitwise the same loss, the same gradients (bit for
+bit for the MLPs; the fused norms sum in another order), less kept."""
+
+import importlib
 
 import pytest
 import torch
@@ -33,17 +36,70 @@ def _loss_and_grads(model, ids):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3_text"])  # SiLU, SiLU, tanh-approximated GELU
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_the_same_loss_and_gradients_bit_for_bit(kind, lora):
+@pytest.mark.parametrize("norms", [False, True], ids=["mlps", "mlps+norms"])
+def test_the_same_loss_and_gradients(kind, lora, norms):
+    """Bit for bit with lean MLPs only; with the fused norms too the loss is still bit for bit (the forward runs
+    the models' own steps) and the gradients agree to float32 rounding."""
     ids = torch.randint(0, 120, (2, 24), generator=torch.Generator().manual_seed(1))
     plain, _ = _model(kind, lora, lean=False)
-    lean, changed = _model(kind, lora, lean=True)
+    lean, changed = _model(kind, lora, lean=True, norms=norms)
     assert changed == 2  # one MLP per block
     loss, grads = _loss_and_grads(plain, ids)
     lean_loss, lean_grads = _loss_and_grads(lean, ids)
     assert torch.equal(loss, lean_loss)
     assert grads.keys() == lean_grads.keys() and len(grads) > 0
     for name, grad in grads.items():
-        assert torch.equal(grad, lean_grads[name]), name
+        if norms:
+            torch.testing.assert_close(lean_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+        else:
+            assert torch.equal(grad, lean_grads[name]), name
+
+
+def _norm_classes():
+    from tuneforge.model.lean_mlp import SCALED_NORMS
+
+    for name in sorted(SCALED_NORMS):
+        family = name[: -len("RMSNorm")].lower()
+        try:
+            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:
+            continue
+        if hasattr(module, name):
+            yield getattr(module, name)
+
+
+@pytest.mark.parametrize("norm_class", list(_norm_classes()), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("trains_weight", [False, True], ids=["frozen", "trained"])
+def test_the_fused_norm_computes_each_class_own_forward(norm_class, trains_weight):
+    """ScaledNorm against the class's own forward: the same output bits, gradients to rounding. Fails when a
+    transformers release changes one of these norms' arithmetic."""
+    from tuneforge.model.lean_mlp import ScaledNorm, _norm_scale
+
+    torch.manual_seed(3)
+    norm = norm_class(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(0.5, 0.3)
+    norm.weight.requires_grad_(trains_weight)
+    x = torch.randn(3, 7, 64) * 4
+    grad = torch.randn(3, 7, 64)
+    results = []
+    for fused in (False, True):
+        inputs = x.clone().requires_grad_()
+        norm.weight.grad = None
+        if fused:
+            scale, eps = _norm_scale(norm)
+            out = ScaledNorm.apply(inputs, scale, eps)
+        else:
+            out = norm(inputs)
+        out.backward(grad)
+        results.append((out.detach(), inputs.grad, norm.weight.grad))
+    (out, grad_x, grad_w), (fused_out, fused_grad_x, fused_grad_w) = results
+    assert torch.equal(out, fused_out)
+    torch.testing.assert_close(fused_grad_x, grad_x, rtol=1e-5, atol=1e-6)
+    if trains_weight:
+        torch.testing.assert_close(fused_grad_w, grad_w, rtol=1e-5, atol=1e-5)
+    else:
+        assert fused_grad_w is None
 
 
 def test_two_intermediate_tensors_less_are_kept():
@@ -84,7 +140,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     (loss, grads), (lean_loss, lean_grads) = results
     assert torch.equal(loss, lean_loss) and grads.keys() == lean_grads.keys()
     for name, grad in grads.items():
-        assert torch.equal(grad, lean_grads[name]), name
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_inference_keeps_nothing():
