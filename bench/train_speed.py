@@ -19,8 +19,8 @@ per real token (forward, and the backward pass through frozen weights) plus 4 x 
 supervised token (the LM head where a loss is taken). TuneForge computes a prompt that every row of a batch
 starts with once for the batch (here the template's header and the instruction); "run MFU" counts those
 positions once (run.json's shared_prompt_tokens), i.e. the FLOPs that ran. The machine's speed drifts (it is
-shared): the matmul peak is also read just before and after each training run, and the comparison line shows those
-readings and the rows/s ratio scaled by them, next to the measured ratio. Not a test: the figures depend on the
+shared): the comparison line also shows the median matmul rate read just before and just after each training run,
+to judge whether one framework ran on a slower machine than the other. Not a test: the figures depend on the
 machine.
 """
 
@@ -71,7 +71,7 @@ class Result:
     work: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # per row: real tokens, supervised tokens,
     # useful FLOPs; and the decoder blocks' FLOPs per token
     shared: int = 0  # token positions TuneForge computed once for a whole batch (its rows' shared prompt)
-    peaks: tuple[float, float] = (float("nan"), float("nan"))  # matmul peak read just before and just after the run
+    peaks: tuple[float, float] = (float("nan"), float("nan"))  # median matmul rate just before and after the run
 
 
 def main() -> None:
@@ -140,15 +140,18 @@ def write_data(folder: Path, rows: int, dev: int) -> Path:
     return folder
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10, median: bool = False) -> float:
+    """The fastest of `repeats` float32 n x n products (the peak), or their median (the rate the machine sustains
+    now: one fast reading can be a moment's burst)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return 2 * n ** 3 / (times[len(times) // 2] if median else times[0]) / 1e9
 
 
 def run_tracked(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> tuple[float, int]:
@@ -233,9 +236,9 @@ def run_tuneforge(model: str, template: str, data_dir: Path, out: Path, args, va
     estimate = estimated_peak(cfg_path)
     framework = "TuneForge" + ("" if variant == "lora" else " (full)")
     print(f"{Path(model).name}: {framework} training (estimated peak {estimate / 2 ** 30:.2f} GiB)", flush=True)
-    before = matmul_peak_gflops()
+    before = matmul_peak_gflops(median=True)
     wall, rss = run_tracked([sys.executable, "-m", "tuneforge", "train", str(cfg_path)], out.with_suffix(".log"))
-    peaks = (before, matmul_peak_gflops())
+    peaks = (before, matmul_peak_gflops(median=True))
     metrics = json.loads((out / "run.json").read_text())["metrics"]
     return Result(framework, metrics["train_runtime"], wall, rss, metrics["train_loss"], variant=variant,
                   target=out, estimate=estimate, shared=int(metrics.get("shared_prompt_tokens", 0)), peaks=peaks)
@@ -271,9 +274,9 @@ def run_llamafactory(cli: Path, path: str, template: str, data_dir: Path, out: P
         env.pop(key, None)
     name = "LLaMA-Factory" + ("" if checkpointing else " (no checkpointing)")
     print(f"{Path(path).name}: {name} training", flush=True)
-    before = matmul_peak_gflops()
+    before = matmul_peak_gflops(median=True)
     wall, rss = run_tracked([str(cli), "train", str(cfg_path)], out.with_suffix(".log"), env=env, cwd=out.parent)
-    peaks = (before, matmul_peak_gflops())
+    peaks = (before, matmul_peak_gflops(median=True))
     metrics = json.loads((out / "all_results.json").read_text())
     return Result(name, metrics["train_runtime"], wall, rss, metrics["train_loss"], target=out, peaks=peaks)
 
@@ -350,11 +353,9 @@ def print_table(table, rows: int, peak: float) -> None:
             if ours and not r.framework.startswith("TuneForge"):
                 print(f"{'':<24}TuneForge / {r.framework}: {r.runtime / ours.runtime:.2f}x rows/s, "
                       f"{ours.peak_rss / r.peak_rss:.2f}x peak RSS")
-                drift = sum(r.peaks) / sum(ours.peaks)
-                print(f"{'':<24}matmul peak around each run (before, after): TuneForge {ours.peaks[0]:.0f}, "
-                      f"{ours.peaks[1]:.0f}; {r.framework} {r.peaks[0]:.0f}, {r.peaks[1]:.0f} GFLOP/s; "
-                      f"the ratio at equal machine speed (scaled by the mean readings): "
-                      f"{r.runtime / ours.runtime * drift:.2f}x")
+                print(f"{'':<24}matmul rate around each run (median, before and after): TuneForge "
+                      f"{ours.peaks[0]:.0f}, {ours.peaks[1]:.0f}; {r.framework} {r.peaks[0]:.0f}, "
+                      f"{r.peaks[1]:.0f} GFLOP/s")
     print(f"\nMFU: useful model FLOPs per second over the measured fp32 matmul peak ({peak:.1f} GFLOP/s); run MFU: "
           "the FLOPs that ran, where TuneForge computed a prompt shared by a batch's rows once for the batch.")
     if any(model in QWEN25 for model, _ in table):
