@@ -278,8 +278,8 @@ def _scoped_layer_forward(self, *args, **kwargs):
 def lean_norms(model) -> int:
     """Make the decoder layers of the model types in `lean_mlp.LEAN_MLPS`'s families recompute their RMSNorms'
     outputs (the projections' inputs) in the backward pass instead of keeping them, float32 norms of the known forms
-    as one fused step (`ScaledNorm`); returns how many layers were changed. Not for weights sharded across processes (DeepSpeed ZeRO-3, FSDP): the norm's weight must be whole
-    when backward recomputes."""
+    as one fused step (`ScaledNorm`); returns how many layers were changed. Not for weights sharded across
+    processes (DeepSpeed ZeRO-3, FSDP): the norm's weight must be whole when backward recomputes."""
     changed = 0
     for layer in model.modules():
         name = type(layer).__name__
