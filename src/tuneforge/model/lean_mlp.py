@@ -78,7 +78,7 @@ class ScaledNorm(torch.autograd.Function):
         ctx.save_for_backward(x, scale, r)
         if kept is not None:
             kept.append(r)
-        return (x * r).mul_(scale)
+        return _scaled(x, r, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -92,6 +92,11 @@ class ScaledNorm(torch.autograd.Function):
             coef = (u * x).sum(-1, keepdim=True).mul_(r.pow(3)).div_(x.shape[-1])
             grad_x = u.mul_(r).addcmul_(x, coef, value=-1)
         return grad_x, grad_scale, None, None
+
+
+def _scaled(x: torch.Tensor, r: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The norm's output from its input and r: ScaledNorm's forward and the recipe that recomputes it."""
+    return (x * r).mul_(scale)
 
 
 # RMSNorm classes whose forward is, for float32 input and weight, weight * (x * r) (eps `variance_epsilon`) or
@@ -245,10 +250,6 @@ def _lean_forward(self, x):
         if scope or own:
             (scope or own).register(product, _product, gate.detach(), up.detach(), self._lean_kind, shared)
         return self.down_proj(product)
-
-
-def _scaled(x, r, scale):
-    return (x * r).mul_(scale)
 
 
 def _lean_norm_forward(self, x):
