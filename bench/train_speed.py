@@ -342,11 +342,11 @@ def print_table(table, rows: int, peak: float) -> None:
             tokens, supervised, flops, per_token = r.work
             run_flops = flops - r.shared / rows * per_token  # what ran: the shared prompts once per batch
             rows_s = rows / r.runtime
-            estimate = f"{r.estimate / 2 ** 30:>8.2f}GB{(r.estimate - r.peak_rss) / r.peak_rss:>+9.1%}" \
+            estimate = f"{r.estimate / 2 ** 30:>7.2f}GiB{(r.estimate - r.peak_rss) / r.peak_rss:>+9.1%}" \
                 if r.estimate else f"{'-':>10}{'-':>9}"
             accuracy = f"{r.accuracy:>9.3f}" if r.accuracy == r.accuracy else f"{'-':>9}"
             print(f"{model:<24}{r.framework:<34}{rows_s:>8.2f}{rows_s * supervised:>11.1f}{rows_s * tokens:>8.0f}"
-                  f"{r.peak_rss / 2 ** 30:>8.2f}GB{estimate}{r.train_loss:>8.3f}{accuracy}"
+                  f"{r.peak_rss / 2 ** 30:>7.2f}GiB{estimate}{r.train_loss:>8.3f}{accuracy}"
                   f"{rows_s * flops / (peak * 1e9):>7.1%}{rows_s * run_flops / (peak * 1e9):>9.1%}{r.wall:>8.0f}")
         ours = next((r for r in results if r.variant == "lora" and r.framework.startswith("TuneForge")), None)
         for r in results:
