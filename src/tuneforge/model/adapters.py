@@ -171,6 +171,32 @@ def column_major_lora_up(model: nn.Module) -> int:
     return changed
 
 
+def sparse_tied_embedding_grads(model: nn.Module) -> bool:
+    """When the input embedding trains and shares its weight with the output layer (Gemma 3, SmolLM2, Qwen2.5 up
+    to 3B), let the lookup's gradient be sparse: it then adds its few rows into the dense gradient the output
+    layer already made, instead of first building a dense (vocabulary x hidden) gradient of its own (671 MB for
+    Gemma 3) to add in. The same gradient values; Gemma 3 full training peaked at 6.73 GiB instead of 7.11. A
+    gradient left sparse (a batch where the output layer contributed none) is made dense as it lands, so the
+    optimizer and gradient clipping see dense gradients as before. One process only (DistributedDataParallel
+    treats a sparse embedding's gradient differently); returns whether it applied."""
+    from tuneforge.ranks import world_size
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    weight = getattr(emb, "weight", None)
+    if (world_size() > 1 or not isinstance(emb, nn.Embedding) or head is None or weight is None
+            or getattr(head, "weight", None) is not weight or not weight.requires_grad or emb.sparse
+            or emb.max_norm is not None):
+        return False
+    emb.sparse = True
+
+    def dense(param: torch.Tensor) -> None:
+        if param.grad is not None and param.grad.is_sparse:
+            param.grad = param.grad.to_dense()
+
+    weight.register_post_accumulate_grad_hook(dense)
+    return True
+
+
 def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's LoRA Linear forward, base(x) + B(A(dropout(x))) * scaling, with the adapter's product added into
     the base projection's output in place by one matrix product (addmm_): no (tokens x out) temporaries for the

@@ -13,7 +13,7 @@ from tuneforge.data.pipeline import DataBundle, load_data
 from tuneforge.data.template import ChatTemplate, resolve_template
 from tuneforge.errors import ConfigError
 from tuneforge.model.adapters import (ParamCount, apply_adapter, check_loftq, column_major_lora_up, count_params,
-                                      fused_lora_forward, share_lora_inputs,
+                                      fused_lora_forward, share_lora_inputs, sparse_tied_embedding_grads,
                                       quantizes_base, upcast_trainable)
 from tuneforge.model.depth import CONFIG_KEY, ROUTER, apply_mixture_of_depths
 from tuneforge.model.integrity import verify_weight_folder
@@ -110,6 +110,8 @@ def build_model(cfg: TuneForgeConfig, source: ModelSource, tokenizer=None):
         lean_norms(model)  # norms' outputs recomputed in backward; float32 norms fused (gradients to rounding)
     if dtype != torch.float32:
         upcast_trainable(model)
+    if not (cfg.train.deepspeed or cfg.train.fsdp or cfg.train.torch_compile):
+        sparse_tied_embedding_grads(model)  # a tied embedding's lookup adds its rows into the head's gradient
     if (not torch.cuda.is_available() and cfg.train.optim in ("adamw_torch", "adamw_torch_fused")
             and not (cfg.train.deepspeed or cfg.train.fsdp)):  # torch's own optimizers follow a weight's layout
         column_major_lora_up(model)  # the same values; B's gradient in the layout the CPU computes fast

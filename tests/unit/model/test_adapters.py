@@ -162,3 +162,61 @@ def test_shared_lora_input_when_the_query_reads_other_rows():
     for n, p in trained.items():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6)
     assert isinstance(attention.q_proj, LoraLinear)
+
+
+def _grads_and_step(model, ids, use_head=True):
+    """Gradients of one backward pass (the LM loss, or without the output layer only the hidden states), then the
+    weights after one AdamW step."""
+    import torch
+
+    if use_head:
+        loss = model(input_ids=ids, labels=ids).loss
+    else:
+        loss = model.model(input_ids=ids).last_hidden_state.pow(2).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert not any(g.is_sparse for g in grads.values())
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.optim.AdamW(model.parameters(), lr=1e-2).step()
+    return grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("use_head", [True, False])
+def test_sparse_tied_embedding_grads_give_the_dense_gradients_and_step(kind, use_head):
+    """The tied embedding's lookup adds its rows into the output layer's gradient: every gradient and the weights
+    after an AdamW step equal those of the usual dense path. Without the output layer in the loss the lookup's
+    gradient arrives alone, sparse, and is made dense as it lands."""
+    import torch
+
+    from tests.conftest import build_family_model
+    from tuneforge.model.adapters import sparse_tied_embedding_grads
+
+    ids = torch.tensor([[3, 17, 17, 40, 9, 2], [3, 5, 88, 17, 2, 2]])
+    dense = apply_adapter(build_family_model(kind, 128), FullAdapter())
+    sparse = apply_adapter(build_family_model(kind, 128), FullAdapter())
+    assert sparse_tied_embedding_grads(sparse) and sparse.get_input_embeddings().sparse
+    dense_grads, dense_after = _grads_and_step(dense, ids, use_head)
+    sparse_grads, sparse_after = _grads_and_step(sparse, ids, use_head)
+    assert dense_grads.keys() == sparse_grads.keys()
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    for name, weight in dense_after.items():
+        torch.testing.assert_close(sparse_after[name], weight, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_sparse_tied_embedding_grads_only_where_they_apply(monkeypatch):
+    """Untied or frozen embeddings, and several processes, keep the dense lookup gradient."""
+    import torch
+
+    from tuneforge.model.adapters import sparse_tied_embedding_grads
+
+    untied = build_tiny_model(100)
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    assert not sparse_tied_embedding_grads(untied)
+    assert not sparse_tied_embedding_grads(apply_adapter(build_tiny_model(100), LoraAdapter(rank=2)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = build_tiny_model(100)
+    assert not sparse_tied_embedding_grads(model) and not model.get_input_embeddings().sparse
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert sparse_tied_embedding_grads(model) and not sparse_tied_embedding_grads(model)  # once

@@ -59,14 +59,29 @@ def losses(run):
             if "loss" in json.loads(line)]
 
 
+@pytest.fixture(scope="module")
+def one_process_sft(tmp_path_factory, tiny_model_dir):
+    """The one-process LoRA SFT run that several tests compare a two-process run with, trained once."""
+    folder = tmp_path_factory.mktemp("one-process-sft")
+    tuneforge("train", str(config(folder, tiny_model_dir, "one")))
+    return folder / "one"
+
+
+def single_process_run(request, tmp_path, tiny_model_dir, stage: str):
+    """The one-process run of `stage` (SFT's shared by the module's tests), its run directory."""
+    if stage == "sft":
+        return request.getfixturevalue("one_process_sft")
+    tuneforge("train", str(config(tmp_path, tiny_model_dir, "one", stage)))
+    return tmp_path / "one"
+
+
 @pytest.mark.parametrize("stage", ["sft", "pt", "rm", "dpo", "kto"])
-def test_two_processes_follow_the_single_process_losses(tmp_path, tiny_model_dir, stage):
-    one = config(tmp_path, tiny_model_dir, "one", stage)
+def test_two_processes_follow_the_single_process_losses(request, tmp_path, tiny_model_dir, stage):
+    one = single_process_run(request, tmp_path, tiny_model_dir, stage)
     two = config(tmp_path, tiny_model_dir, "two", stage, batch_size=2)  # 2 processes x 2 rows = the same 4 rows
-    tuneforge("train", str(one))
     out = tuneforge("train", str(two), "distributed.nproc_per_node=2", f"distributed.master_port={free_port()}")
     assert "torch.distributed.run --nproc_per_node=2" in out.stdout
-    single, double = losses(tmp_path / "one"), losses(tmp_path / "two")
+    single, double = losses(one), losses(tmp_path / "two")
     assert len(single) == len(double) == 6 and single[0] != single[-1]
     assert double == pytest.approx(single, rel=TOLERANCE), (single, double)
     # written once, by rank 0: one final line in the output, one adapter, one run.json that says completed
@@ -75,7 +90,7 @@ def test_two_processes_follow_the_single_process_losses(tmp_path, tiny_model_dir
     assert meta["status"] == "completed" and meta["global_step"] == 6
     from safetensors.torch import load_file
 
-    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
 
@@ -155,20 +170,19 @@ def test_ppo_in_two_processes_follows_the_single_process_run(tmp_path, tiny_mode
 
 
 @pytest.mark.parametrize("engine", ["ds_z2", "ds_z3_offload"])
-def test_deepspeed_in_two_processes_follows_the_single_process_losses(tmp_path, tiny_model_dir, engine):
+def test_deepspeed_in_two_processes_follows_the_single_process_losses(tmp_path, tiny_model_dir, one_process_sft,
+                                                                       engine):
     """DeepSpeed ZeRO through the Trainer, on DeepSpeed's CPU accelerator: ZeRO-2 shards gradients and optimizer
     states; ZeRO-3 with offload also shards the weights and keeps them and the optimizer in CPU memory."""
-    one = config(tmp_path, tiny_model_dir, "one")
     two = config(tmp_path, tiny_model_dir, "two", batch_size=2,
                  deepspeed=str(REPO / "examples" / "deepspeed" / f"{engine}.json"))
-    tuneforge("train", str(one))
     out = tuneforge("train", str(two), "distributed.nproc_per_node=2", f"distributed.master_port={free_port()}")
     assert out.stdout.count("tuneforge: completed; run directory") == 1
-    single, double = losses(tmp_path / "one"), losses(tmp_path / "two")
+    single, double = losses(one_process_sft), losses(tmp_path / "two")
     assert len(double) == 6 and double == pytest.approx(single, rel=TOLERANCE), (single, double)
     from safetensors.torch import load_file
 
-    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    a = load_file(str(one_process_sft / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))  # gathered from the shards
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and (a[k] - b[k]).abs().max() < 1e-4 for k in a)
 
@@ -195,12 +209,10 @@ def test_full_training_under_zero3_saves_whole_weights_that_export(tmp_path, tin
     assert exported.keys() == b.keys() and all(torch.equal(exported[k], b[k]) for k in b)
 
 
-def test_started_by_accelerate_launch_it_trains_as_under_its_own_launcher(tmp_path, tiny_model_dir):
+def test_started_by_accelerate_launch_it_trains_as_under_its_own_launcher(tmp_path, tiny_model_dir, one_process_sft):
     """`accelerate launch -m tuneforge.cli train` (accelerate starts the processes; `--multi_gpu` is its name for
     DDP, which runs on gloo here) gives the single-process losses and one run directory."""
-    one = config(tmp_path, tiny_model_dir, "one")
     two = config(tmp_path, tiny_model_dir, "two", batch_size=2)
-    tuneforge("train", str(one))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--main_process_port", str(free_port()), "-m", "tuneforge.cli", "train", str(two)],
@@ -208,7 +220,7 @@ def test_started_by_accelerate_launch_it_trains_as_under_its_own_launcher(tmp_pa
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "training under torchrun" not in done.stdout  # no second launcher inside accelerate's
     assert done.stdout.count("tuneforge: completed; run directory") == 1
-    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=TOLERANCE)
+    assert losses(tmp_path / "two") == pytest.approx(losses(one_process_sft), rel=TOLERANCE)
 
 
 def test_a_stream_in_two_processes_follows_the_single_process_stream(tmp_path, tiny_model_dir):
