@@ -220,3 +220,18 @@ def test_sparse_tied_embedding_grads_only_where_they_apply(monkeypatch):
     assert not sparse_tied_embedding_grads(model) and not model.get_input_embeddings().sparse
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert sparse_tied_embedding_grads(model) and not sparse_tied_embedding_grads(model)  # once
+
+
+def test_sparse_tied_embedding_grads_skip_a_model_that_does_not_name_its_embeddings():
+    import torch
+
+    from tuneforge.model.adapters import sparse_tied_embedding_grads
+
+    class Opaque(torch.nn.Module):
+        def get_input_embeddings(self):
+            raise NotImplementedError
+
+        def get_output_embeddings(self):
+            return None
+
+    assert not sparse_tied_embedding_grads(Opaque())
