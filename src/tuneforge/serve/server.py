@@ -351,17 +351,22 @@ def _advance(choice: _Choice, engine, event, stops: list[str], final: bool = Fal
 
 
 async def _wait(choices: list[_Choice], request, engine, stops: list[str]) -> None:
-    """Until every choice is finished; a client that disconnects cancels its requests."""
+    """Until every choice is finished; a client that disconnects cancels its requests. The connection is looked at
+    every half second, also while tokens keep coming (a client that gave up on a long answer frees its slot)."""
     try:
+        checked = time.monotonic()
         for choice in choices:
             while choice.finish_reason is None:
                 try:
                     event = await asyncio.wait_for(choice.events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         raise asyncio.CancelledError
-                    continue
-                _advance(choice, engine, event, stops)
+                if event is not None:
+                    _advance(choice, engine, event, stops)
     finally:
         for choice in choices:
             choice.request.cancel()
