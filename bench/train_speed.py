@@ -11,7 +11,8 @@ into a throw-away virtual environment under ~/.cache/tuneforge/bench (kept for l
 (gradient checkpointing on; `--lf-variants no_checkpointing` adds a run without it).
 
 Printed per model and framework: training rows/s and supervised tokens/s (from each trainer's train_runtime,
-so model loading and tokenization are excluded), tokens/s (real tokens, padding not counted), peak RSS of the
+so model loading and tokenization are excluded, less the seconds spent reading the matmul rate between steps, see
+below), tokens/s (real tokens, padding not counted), peak RSS of the
 training process, final train loss, dev accuracy (both adapters scored by the same TuneForge label scorer on the
 first --dev rows of reviews_zh_dev, balanced), and model FLOPs utilisation against the fp32 matmul peak that the
 script measures first. Useful FLOPs per token are counted the same way for both: 4 x the decoder blocks' weights
@@ -19,9 +20,12 @@ per real token (forward, and the backward pass through frozen weights) plus 4 x 
 supervised token (the LM head where a loss is taken). TuneForge computes a prompt that every row of a batch
 starts with once for the batch (here the template's header and the instruction); "run MFU" counts those
 positions once (run.json's shared_prompt_tokens), i.e. the FLOPs that ran. The machine's speed drifts (it is
-shared): the comparison line also shows the median matmul rate read just before and just after each training run,
-to judge whether one framework ran on a slower machine than the other. Not a test: the figures depend on the
-machine.
+shared, and its matmul rate moves by a fifth within a minute): each training command runs under
+bench/step_rates.py, which reads the peak (the fastest of five 2048 x 2048 products) at the first step boundary
+after every 10 s of training; "step MFU" divides by those readings, each step weighted by its time and the mean of
+the readings around it, the rate the run itself had. The comparison line also shows the median matmul rate read
+just before and just after each training run, to judge whether one framework ran on a slower machine than the
+other. Not a test: the figures depend on the machine.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ from pathlib import Path
 import psutil
 import torch
 import yaml
+from step_rates import matmul_peak_gflops, weighted_rate
+
+from tuneforge.allocator import find_library, preload_environment
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMAFACTORY = "llamafactory==0.9.5"
@@ -54,6 +61,7 @@ QWEN25 = {"qwen2.5-0.5b-random": dict(hidden_size=896, intermediate_size=4864, n
                                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768),
           "qwen2.5-1.5b-random": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                       num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072)}
+STEP_RATES = REPO / "bench" / "step_rates.py"
 MODELS = Path.home() / ".cache" / "tuneforge" / "bench" / "models"
 
 
@@ -72,6 +80,7 @@ class Result:
     # useful FLOPs; and the decoder blocks' FLOPs per token
     shared: int = 0  # token positions TuneForge computed once for a whole batch (its rows' shared prompt)
     peaks: tuple[float, float] = (float("nan"), float("nan"))  # median matmul rate just before and after the run
+    step_rate: float = float("nan")  # the matmul rate read between the run's steps, weighted by step time
 
 
 def main() -> None:
@@ -138,20 +147,6 @@ def write_data(folder: Path, rows: int, dev: int) -> Path:
     positives = sum(r["label"] for r in train)
     print(f"data: {len(train)} training rows ({positives} positive), {len(dev_rows)} dev rows (balanced)", flush=True)
     return folder
-
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10, median: bool = False) -> float:
-    """The fastest of `repeats` float32 n x n products (the peak), or their median (the rate the machine sustains
-    now: one fast reading can be a moment's burst)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 2 * n ** 3 / (times[len(times) // 2] if median else times[0]) / 1e9
 
 
 def run_tracked(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> tuple[float, int]:
@@ -237,11 +232,17 @@ def run_tuneforge(model: str, template: str, data_dir: Path, out: Path, args, va
     framework = "TuneForge" + ("" if variant == "lora" else " (full)")
     print(f"{Path(model).name}: {framework} training (estimated peak {estimate / 2 ** 30:.2f} GiB)", flush=True)
     before = matmul_peak_gflops(median=True)
-    wall, rss = run_tracked([sys.executable, "-m", "tuneforge", "train", str(cfg_path)], out.with_suffix(".log"))
+    rates = out.with_suffix(".rates.json")
+    library = find_library()  # preloaded here as the CLI would, so that it does not restart without the callback
+    env = preload_environment(dict(os.environ), library) if library else None
+    wall, rss = run_tracked([sys.executable, str(STEP_RATES), str(rates), "tuneforge", "train", str(cfg_path)],
+                            out.with_suffix(".log"), env=env)
     peaks = (before, matmul_peak_gflops(median=True))
     metrics = json.loads((out / "run.json").read_text())["metrics"]
-    return Result(framework, metrics["train_runtime"], wall, rss, metrics["train_loss"], variant=variant,
-                  target=out, estimate=estimate, shared=int(metrics.get("shared_prompt_tokens", 0)), peaks=peaks)
+    record = json.loads(rates.read_text())
+    return Result(framework, metrics["train_runtime"] - record["reading_seconds"], wall, rss,
+                  metrics["train_loss"], variant=variant, target=out, estimate=estimate,
+                  shared=int(metrics.get("shared_prompt_tokens", 0)), peaks=peaks, step_rate=weighted_rate(record))
 
 
 def estimated_peak(cfg_path: Path) -> int:
@@ -275,10 +276,14 @@ def run_llamafactory(cli: Path, path: str, template: str, data_dir: Path, out: P
     name = "LLaMA-Factory" + ("" if checkpointing else " (no checkpointing)")
     print(f"{Path(path).name}: {name} training", flush=True)
     before = matmul_peak_gflops(median=True)
-    wall, rss = run_tracked([str(cli), "train", str(cfg_path)], out.with_suffix(".log"), env=env, cwd=out.parent)
+    rates = out.with_suffix(".rates.json")
+    wall, rss = run_tracked([str(cli.parent / "python"), str(STEP_RATES), str(rates), "llamafactory.cli", "train",
+                             str(cfg_path)], out.with_suffix(".log"), env=env, cwd=out.parent)
     peaks = (before, matmul_peak_gflops(median=True))
     metrics = json.loads((out / "all_results.json").read_text())
-    return Result(name, metrics["train_runtime"], wall, rss, metrics["train_loss"], target=out, peaks=peaks)
+    record = json.loads(rates.read_text())
+    return Result(name, metrics["train_runtime"] - record["reading_seconds"], wall, rss, metrics["train_loss"],
+                  target=out, peaks=peaks, step_rate=weighted_rate(record))
 
 
 def dev_accuracy(target: Path, base_path: str, template: str, data_dir: Path, dev: int) -> float:
@@ -335,7 +340,8 @@ def work_per_row(model: str, path: str, template: str, data_dir: Path,
 
 def print_table(table, rows: int, peak: float) -> None:
     header = (f"{'model':<24}{'framework':<34}{'rows/s':>8}{'sup tok/s':>11}{'tok/s':>8}{'peak RSS':>10}"
-              f"{'estimate':>10}{'est err':>9}{'loss':>8}{'dev acc':>9}{'MFU':>7}{'run MFU':>9}{'wall s':>8}")
+              f"{'estimate':>10}{'est err':>9}{'loss':>8}{'dev acc':>9}{'MFU':>7}{'step MFU':>10}{'run MFU':>9}"
+              f"{'wall s':>8}")
     print("\n" + header + "\n" + "-" * len(header))
     for model, results in table:
         for r in results:
@@ -347,7 +353,8 @@ def print_table(table, rows: int, peak: float) -> None:
             accuracy = f"{r.accuracy:>9.3f}" if r.accuracy == r.accuracy else f"{'-':>9}"
             print(f"{model:<24}{r.framework:<34}{rows_s:>8.2f}{rows_s * supervised:>11.1f}{rows_s * tokens:>8.0f}"
                   f"{r.peak_rss / 2 ** 30:>7.2f}GiB{estimate}{r.train_loss:>8.3f}{accuracy}"
-                  f"{rows_s * flops / (peak * 1e9):>7.1%}{rows_s * run_flops / (peak * 1e9):>9.1%}{r.wall:>8.0f}")
+                  f"{rows_s * flops / (peak * 1e9):>7.1%}{rows_s * flops / (r.step_rate * 1e9):>10.1%}"
+                  f"{rows_s * run_flops / (peak * 1e9):>9.1%}{r.wall:>8.0f}")
         ours = next((r for r in results if r.variant == "lora" and r.framework.startswith("TuneForge")), None)
         for r in results:
             if ours and not r.framework.startswith("TuneForge"):
@@ -355,9 +362,12 @@ def print_table(table, rows: int, peak: float) -> None:
                       f"{ours.peak_rss / r.peak_rss:.2f}x peak RSS")
                 print(f"{'':<24}matmul rate around each run (median, before and after): TuneForge "
                       f"{ours.peaks[0]:.0f}, {ours.peaks[1]:.0f}; {r.framework} {r.peaks[0]:.0f}, "
-                      f"{r.peaks[1]:.0f} GFLOP/s")
-    print(f"\nMFU: useful model FLOPs per second over the measured fp32 matmul peak ({peak:.1f} GFLOP/s); run MFU: "
-          "the FLOPs that ran, where TuneForge computed a prompt shared by a batch's rows once for the batch.")
+                      f"{r.peaks[1]:.0f} GFLOP/s; between steps (weighted by step time): TuneForge "
+                      f"{ours.step_rate:.0f}, {r.framework} {r.step_rate:.0f} GFLOP/s")
+    print(f"\nMFU: useful model FLOPs per second over the measured fp32 matmul peak ({peak:.1f} GFLOP/s, the higher "
+          "of the readings before and after all runs); step MFU: over the peak read between the run's own steps "
+          "(bench/step_rates.py), weighted by step time; run MFU: the FLOPs that ran, where TuneForge computed a "
+          "prompt shared by a batch's rows once for the batch.")
     if any(model in QWEN25 for model, _ in table):
         print("qwen2.5-*-random: the published Qwen2.5 shapes with random weights (speed and memory only; the loss "
               "and accuracy of random weights mean nothing).")
